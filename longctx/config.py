@@ -1,0 +1,299 @@
+"""The recipe schema: typed sections, defaults in one place, eager validation.
+
+A recipe is a YAML file merged over these dataclasses, then `a.b=value` overrides from the
+command line. Every field documents itself in `metadata["help"]`; `choices`, `min` and `max`
+in the metadata drive validation, so a bad value is rejected here, naming the key, before
+any model, data or process group exists.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import os
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import Any, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A recipe value that cannot run. The message is one line naming the key."""
+
+
+def _f(default: Any, help: str, **rules: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **rules})
+    return field(default=default, metadata={"help": help, **rules})
+
+
+ROPE_METHODS = ["none", "auto", "linear", "ntk", "dynamic", "yarn", "llama3", "longrope", "theta"]
+ATTENTION_BACKENDS = ["auto", "triton", "sdpa", "flex", "eager"]
+LORA_TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ModelSection:
+    path: Optional[str] = _f(None, "local Hugging Face model directory (config, weights, tokenizer)")
+    config: Optional[str] = _f(None, "config-only directory: the model is built with random weights")
+    tokenizer: Optional[str] = _f(None, "tokenizer directory; default: model.path or model.config")
+    dtype: str = _f("auto", "parameter dtype; auto = bf16 on GPU, fp32 on CPU",
+                    choices=["auto", "bf16", "fp16", "fp32"])
+
+
+@dataclass
+class RopeSection:
+    method: str = _f("none", "RoPE scaling method; auto picks one from the target length",
+                     choices=ROPE_METHODS)
+    target_length: Optional[int] = _f(None, "context length to reach; default data.seq_len", min=1)
+    factor: Optional[float] = _f(None, "scaling factor; default target / original context", min=1.0)
+    theta: Optional[float] = _f(None, "new base frequency (method theta)", min=1.0)
+    beta_fast: Optional[float] = _f(None, "yarn: fast boundary (rotations)", min=0.0)
+    beta_slow: Optional[float] = _f(None, "yarn: slow boundary (rotations)", min=0.0)
+    mscale: Optional[float] = _f(None, "yarn: mscale", min=0.0)
+    mscale_all_dim: Optional[float] = _f(None, "yarn: mscale_all_dim", min=0.0)
+    attention_factor: Optional[float] = _f(None, "yarn/longrope: attention scaling override", min=0.0)
+    truncate: Optional[bool] = _f(None, "yarn: truncate the correction range to integers")
+    low_freq_factor: Optional[float] = _f(None, "llama3: low frequency factor", min=0.0)
+    high_freq_factor: Optional[float] = _f(None, "llama3: high frequency factor", min=0.0)
+    short_factor: Optional[list[float]] = _f(None, "longrope: per-dimension factors for short inputs")
+    long_factor: Optional[list[float]] = _f(None, "longrope: per-dimension factors for long inputs")
+
+
+@dataclass
+class AttentionSection:
+    backend: str = _f("auto", "attention kernel; auto picks per device and batch",
+                      choices=ATTENTION_BACKENDS)
+
+
+@dataclass
+class DataSection:
+    path: Optional[str] = _f(None, "jsonl/json/parquet/txt file or a folder of them; "
+                             "empty = the embedded corpus (Python sources + passkey documents)")
+    seq_len: int = _f(1024, "tokens per packed training sequence", min=8)
+    min_doc_tokens: int = _f(0, "drop documents shorter than this many tokens", min=0)
+    max_documents: Optional[int] = _f(None, "use at most this many documents", min=1)
+    passkey_documents: int = _f(64, "embedded corpus: number of synthetic passkey documents", min=0)
+    num_proc: int = _f(2, "tokenizer processes", min=1)
+
+
+@dataclass
+class TrainSection:
+    seed: int = _f(0, "seed for weights, data order and dropout", min=0)
+    max_steps: int = _f(30, "optimizer steps", min=1)
+    out_dir: str = _f("out/run", "run directory: config, metrics, checkpoints, export")
+    save_every: int = _f(0, "checkpoint every N steps; 0 = only at the end", min=0)
+    keep_checkpoints: int = _f(2, "complete checkpoints kept on disk", min=1)
+    resume: str = _f("auto", "auto (newest complete checkpoint in out_dir), never, or a checkpoint path")
+    lr: float = _f(2e-4, "peak learning rate", min=0.0, exclusive_min=True)
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr", min=0.0, max=1.0)
+    warmup_steps: int = _f(0, "linear warm-up steps", min=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay", min=0.0)
+    micro_batch_size: int = _f(1, "sequences per rank per forward pass", min=1)
+    grad_accum: int = _f(1, "micro-batches per optimizer step", min=1)
+    grad_clip: float = _f(1.0, "gradient norm clip; 0 = off", min=0.0)
+    precision: str = _f("auto", "auto = bf16 on GPU, fp32 on CPU", choices=["auto", "bf16", "fp16", "fp32"])
+    loss_chunk_tokens: int = _f(4096, "tokens per chunk of the output projection + loss", min=1)
+    checkpointing: str = _f("auto", "activation checkpointing per decoder layer",
+                            choices=["auto", "none", "full", "offload"])
+    export: bool = _f(True, "write <out_dir>/hf (merged) and <out_dir>/adapter at the end")
+
+
+@dataclass
+class ParallelSection:
+    zero_stage: int = _f(2, "DeepSpeed ZeRO stage", choices=[0, 1, 2, 3])
+    offload_optimizer: bool = _f(False, "keep optimizer states in host memory (ZeRO >= 1)")
+    offload_params: bool = _f(False, "keep parameters in host memory (ZeRO 3)")
+    sp: int = _f(1, "sequence-parallel degree (ranks that share one sequence)", min=1)
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = _f(False, "train LoRA adapters instead of all weights")
+    r: int = _f(16, "adapter rank", min=1)
+    alpha: float = _f(32.0, "adapter scaling numerator (scale = alpha / r)", min=0.0, exclusive_min=True)
+    dropout: float = _f(0.0, "adapter dropout", min=0.0, max=1.0)
+    targets: list[str] = _f(list(LORA_TARGETS_ALL), "module names that get adapters")
+    train_embeddings: bool = _f(False, "LongLoRA: also train the input embeddings")
+    train_norms: bool = _f(False, "LongLoRA: also train the normalisation layers")
+
+
+@dataclass
+class EvalSection:
+    at_end: list[str] = _f([], "evaluations run after training on the exported model",
+                           each_choices=["ppl", "needle", "middle"])
+    lengths: list[int] = _f([256, 512, 1024], "context lengths (tokens) for ppl and needle")
+    depths: list[float] = _f([0.0, 0.5, 1.0], "needle depths, fractions of the context")
+    trials: int = _f(2, "needles per (length, depth) cell", min=1)
+
+
+@dataclass
+class Recipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    rope: RopeSection = field(default_factory=RopeSection)
+    attention: AttentionSection = field(default_factory=AttentionSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+
+@functools.cache
+def _all_keys(cls: type = Recipe, prefix: str = "") -> tuple[str, ...]:
+    keys = []
+    for f in fields(cls):
+        sub = f.default_factory if f.default is MISSING else None
+        if sub is not None and is_dataclass(sub):
+            keys += _all_keys(sub, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return tuple(keys)
+
+
+def _unknown_key_error(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"{key}: unknown key{hint}")
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"{item}: overrides are written key=value (e.g. train.max_steps=10)")
+    key, raw = item.split("=", 1)
+    try:  # YAML typing, as in a recipe file: 10 -> int, true -> bool, [a,b] -> list, null -> None
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _merge(base: DictConfig, key: str, value: Any) -> None:
+    if key not in _all_keys():
+        raise _unknown_key_error(key)
+    try:
+        OmegaConf.update(base, key, value, merge=True, force_add=False)
+    except OmegaConfBaseException as e:
+        raise _type_error(key, value, e) from None
+
+
+def _type_error(key: str, value: Any, err: Exception) -> ConfigError:
+    return ConfigError(f"{key}={value!r}: wrong type ({str(err).splitlines()[0]})")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_recipe(path: Optional[str], overrides: list[str] = ()) -> Recipe:
+    """Recipe file + `a.b=value` overrides -> a validated Recipe. Raises ConfigError."""
+    base = OmegaConf.structured(Recipe)
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config {path}: no such recipe file")
+        try:
+            raw = OmegaConf.load(path)
+        except Exception as e:
+            raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, DictConfig):
+            raise ConfigError(f"--config {path}: a recipe is a mapping of sections")
+        for key, value in _flatten(OmegaConf.to_container(raw)).items():
+            _merge(base, key, value)
+    for item in overrides:
+        _merge(base, *_parse_override(item))
+    recipe: Recipe = OmegaConf.to_object(base)
+    validate(recipe)
+    return recipe
+
+
+def _check_field(key: str, value: Any, meta: dict) -> None:
+    if value is None:
+        return
+    if "choices" in meta and value not in meta["choices"]:
+        allowed = "|".join(str(c) for c in meta["choices"])
+        raise ConfigError(f"{key}={value!r}: must be one of {allowed}")
+    if "each_choices" in meta:
+        for v in value:
+            if v not in meta["each_choices"]:
+                raise ConfigError(f"{key}: {v!r} is not one of {'|'.join(meta['each_choices'])}")
+    if "min" in meta:
+        lo = meta["min"]
+        if value < lo or (meta.get("exclusive_min") and value == lo):
+            rel = ">" if meta.get("exclusive_min") else ">="
+            raise ConfigError(f"{key}={value!r}: must be {rel} {lo}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{key}={value!r}: must be <= {meta['max']}")
+
+
+def _check_section(obj: Any, prefix: str) -> None:
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            _check_section(value, f"{prefix}{f.name}.")
+        else:
+            _check_field(f"{prefix}{f.name}", value, f.metadata)
+
+
+def _is_model_dir(path: str, need: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, need))
+
+
+def validate(r: Recipe) -> None:
+    """Field rules from the schema, then the rules that span fields."""
+    _check_section(r, "")
+    m = r.model
+    if (m.path is None) == (m.config is None):
+        raise ConfigError("model.path / model.config: set exactly one (weights dir, or config-only dir for random init)")
+    for key, path in (("model.path", m.path), ("model.config", m.config)):
+        if path is not None and not _is_model_dir(path, "config.json"):
+            raise ConfigError(f"{key}={path!r}: not a directory with a config.json")
+    if m.tokenizer is not None and not os.path.isdir(m.tokenizer):
+        raise ConfigError(f"model.tokenizer={m.tokenizer!r}: no such directory")
+    if r.data.path is not None and not os.path.exists(r.data.path):
+        raise ConfigError(f"data.path={r.data.path!r}: no such file or directory")
+    res = r.train.resume
+    if res not in ("auto", "never") and not os.path.isdir(res):
+        raise ConfigError(f"train.resume={res!r}: must be auto, never, or an existing checkpoint directory")
+    p = r.parallel
+    if p.offload_params and p.zero_stage != 3:
+        raise ConfigError(f"parallel.offload_params=true: needs parallel.zero_stage=3 (got {p.zero_stage})")
+    if p.offload_optimizer and p.zero_stage == 0:
+        raise ConfigError("parallel.offload_optimizer=true: needs parallel.zero_stage >= 1 (got 0)")
+    if r.data.seq_len % p.sp:
+        raise ConfigError(f"data.seq_len={r.data.seq_len}: must be divisible by parallel.sp={p.sp}")
+    if r.train.precision == "fp16":
+        raise ConfigError("train.precision=fp16: not supported for long-context training (overflows); use bf16|fp32")
+    if r.lora.enabled and not r.lora.targets:
+        raise ConfigError("lora.targets=[]: LoRA needs at least one target module")
+    if r.rope.method in ("none",) and any(
+        getattr(r.rope, k) is not None for k in ("factor", "theta", "beta_fast", "beta_slow", "low_freq_factor")
+    ):
+        raise ConfigError("rope.method=none: a RoPE parameter is set but no method; set rope.method")
+
+
+def to_yaml(r: Recipe) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(r))
+
+
+def describe_keys() -> list[tuple[str, Any, str]]:
+    """(key, default, help) for every key, for `longctx keys`."""
+    out = []
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in fields(cls):
+            if f.default is MISSING and is_dataclass(f.default_factory):
+                walk(f.default_factory, f"{prefix}{f.name}.")
+            else:
+                default = f.default if f.default is not MISSING else f.default_factory()
+                out.append((prefix + f.name, default, f.metadata.get("help", "")))
+
+    walk(Recipe, "")
+    return out
