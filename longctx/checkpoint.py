@@ -1,0 +1,85 @@
+"""Checkpoints that are either complete or ignored.
+
+DeepSpeed writes the model, optimizer and scheduler states of a tag; we add each rank's RNG
+state and, only after every rank has finished, a COMPLETE marker and an atomically replaced
+`latest` file. A crash mid-write leaves a tag without the marker, which resume skips.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MARKER = "COMPLETE"
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / MARKER).exists())
+
+
+def resolve_resume(resume: str, root: Path) -> Path | None:
+    """The checkpoint to resume from: newest complete one (auto), none (never), or a given one."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(root)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / MARKER).exists():
+        raise ValueError(f"train.resume={resume}: not a complete checkpoint (no {MARKER} marker)")
+    return path
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, root: Path, step: int, client_state: dict, keep: int) -> Path:
+    """Write the checkpoint of `step` on every rank; returns its directory."""
+    tag = tag_for(step)
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    rank = dist.get_rank()
+    torch.save(_rng_state(), root / tag / f"rng-rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        (root / tag / MARKER).write_text(json.dumps(client_state))
+        tmp = root / "latest.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, root / "latest")
+        for old in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return root / tag
+
+
+def load(engine, path: Path) -> dict:
+    """Restore engine states and this rank's RNG; returns the client state saved with them."""
+    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+    rng = path / f"rng-rank{dist.get_rank()}.pt"
+    if rng.exists():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return client_state

@@ -1,0 +1,173 @@
+"""Documents -> tokens -> packed windows of `seq_len` with document boundaries kept.
+
+Every window is exactly `seq_len` tokens. Positions restart at 0 where a document (or the
+part of one that spills into the next window) starts, so attention can stay per document.
+Labels are shifted here, once, on the whole window: labels[t] is the token that position t
+predicts, -100 at the last token of each document and on prompt tokens of supervised records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from longctx.config import ConfigError, DataSection
+from longctx.corpus import embedded_corpus
+
+IGNORE_INDEX = -100
+SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+FORMATS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "messages": ("messages",)}
+
+
+def data_files(path: str) -> tuple[str, list[str]]:
+    """(datasets builder, files) for a file or a folder of files of one kind."""
+    p = Path(path)
+    files = sorted(str(f) for f in p.rglob("*") if f.suffix in SUFFIXES) if p.is_dir() else [str(p)]
+    kinds = {SUFFIXES.get(Path(f).suffix) for f in files}
+    if not files or None in kinds:
+        raise ConfigError(f"data.path={path!r}: expected .jsonl/.json/.parquet/.txt files")
+    if len(kinds) > 1:
+        raise ConfigError(f"data.path={path!r}: mixes file kinds {sorted(kinds)}; use one kind per folder")
+    return kinds.pop(), files
+
+
+def load_documents(section: DataSection, seed: int):
+    """A `datasets.Dataset` of records: local files, or the embedded corpus."""
+    import datasets
+
+    if section.path is None:
+        ds = datasets.Dataset.from_list(embedded_corpus(section.passkey_documents, seed))
+    else:
+        builder, files = data_files(section.path)
+        # a .txt file is one document, not one per line
+        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
+    if section.max_documents is not None:
+        ds = ds.select(range(min(section.max_documents, len(ds))))
+    return ds
+
+
+def record_format(columns: list[str], path: str | None) -> str:
+    for name, needed in FORMATS.items():
+        if all(c in columns for c in needed):
+            return name
+    raise ConfigError(
+        f"data.path={path!r}: records need a 'text' field, 'prompt'+'completion', or 'messages' (got {columns})"
+    )
+
+
+def tokenize_record(record: dict, tokenizer, fmt: str) -> dict:
+    """Token ids of one document framed by bos/eos, and which tokens carry loss."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if fmt == "text":
+        ids = bos + tokenizer(record["text"], add_special_tokens=False)["input_ids"] + eos
+        return {"input_ids": ids, "loss_mask": [1] * len(ids)}
+    if fmt == "prompt_completion":
+        prompt = bos + tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
+        answer = tokenizer(record["completion"], add_special_tokens=False)["input_ids"] + eos
+        return {"input_ids": prompt + answer, "loss_mask": [0] * len(prompt) + [1] * len(answer)}
+    # chat: loss on assistant turns only; each prefix is rendered so the mask follows the template
+    ids: list[int] = []
+    mask: list[int] = []
+    for i, message in enumerate(record["messages"]):
+        upto = tokenizer.apply_chat_template(record["messages"][: i + 1], tokenize=True, return_dict=False)
+        new = list(upto[len(ids):])
+        ids += new
+        mask += [int(message["role"] == "assistant")] * len(new)
+    return {"input_ids": ids, "loss_mask": mask}
+
+
+@dataclass
+class Packed:
+    input_ids: np.ndarray  # (windows, seq_len) int32
+    position_ids: np.ndarray  # (windows, seq_len) int32
+    labels: np.ndarray  # (windows, seq_len) int32, shifted, -100 = no loss
+    documents: int
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def pack_documents(docs: list[dict], seq_len: int, min_doc_tokens: int = 0) -> Packed:
+    """Concatenate documents and cut into full windows; the tail that fills no window is dropped."""
+    docs = [d for d in docs if len(d["input_ids"]) >= max(min_doc_tokens, 1)]
+    ids = np.concatenate([np.asarray(d["input_ids"], dtype=np.int64) for d in docs]) if docs else np.zeros(0, np.int64)
+    mask = np.concatenate([np.asarray(d["loss_mask"], dtype=bool) for d in docs]) if docs else np.zeros(0, bool)
+    starts = np.zeros(len(ids), dtype=bool)
+    starts[np.cumsum([0] + [len(d["input_ids"]) for d in docs[:-1]])[: len(docs)]] = True
+    windows = len(ids) // seq_len
+    if windows == 0:
+        raise ConfigError(
+            f"data.seq_len={seq_len}: the data has {len(ids)} tokens in {len(docs)} documents, "
+            f"less than one window (lower data.seq_len or data.min_doc_tokens, or add data)"
+        )
+    n = windows * seq_len
+    ids, mask, starts = ids[:n].reshape(windows, seq_len), mask[:n].reshape(windows, seq_len), starts[:n].reshape(windows, seq_len)
+    starts[:, 0] = True  # a document that spills over restarts its positions in the next window
+    # position = distance to the latest segment start in the same window
+    index = np.broadcast_to(np.arange(seq_len), (windows, seq_len))
+    seg_start = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+    position_ids = index - seg_start
+    labels = np.full((windows, seq_len), IGNORE_INDEX, dtype=np.int64)
+    predictable = ~starts[:, 1:] & mask[:, 1:]  # next token in the same segment and carrying loss
+    labels[:, :-1] = np.where(predictable, ids[:, 1:], IGNORE_INDEX)
+    return Packed(ids.astype(np.int32), position_ids.astype(np.int32), labels.astype(np.int32), len(docs))
+
+
+def _cache_key(section: DataSection, tokenizer, seed: int) -> str:
+    ident = {"section": asdict(section), "seed": seed, "vocab": len(tokenizer), "tok": tokenizer.name_or_path}
+    if section.path is not None:
+        _, files = data_files(section.path)
+        ident["files"] = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_packed(section: DataSection, tokenizer, seed: int, cache_dir: str) -> Packed:
+    """Tokenise (in parallel) and pack, cached under `cache_dir` so resumed runs read the same windows."""
+    path = Path(cache_dir) / f"packed-{section.seq_len}-{_cache_key(section, tokenizer, seed)}.npz"
+    if path.exists():
+        z = np.load(path)
+        return Packed(z["input_ids"], z["position_ids"], z["labels"], int(z["documents"]))
+    ds = load_documents(section, seed)
+    fmt = record_format(ds.column_names, section.path)
+    tokenized = ds.map(
+        tokenize_record,
+        fn_kwargs={"tokenizer": tokenizer, "fmt": fmt},
+        remove_columns=ds.column_names,
+        num_proc=min(section.num_proc, max(1, len(ds))),
+        desc="tokenizing",
+    )
+    packed = pack_documents(list(tokenized), section.seq_len, section.min_doc_tokens)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **{k: v for k, v in asdict(packed).items()})
+    os.replace(tmp, path)
+    return packed
+
+
+class WindowSampler:
+    """Which window each (step, micro-batch, rank) reads: a pure function of the step.
+
+    A resumed run therefore needs only the step number to continue the same data order.
+    Each epoch is a fresh permutation drawn from (seed, epoch).
+    """
+
+    def __init__(self, n_windows: int, seed: int, micro_batch: int, grad_accum: int, dp_size: int):
+        self.n, self.seed = n_windows, seed
+        self.micro, self.accum, self.dp = micro_batch, grad_accum, dp_size
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return self._perms[epoch]
+
+    def indices(self, step: int, micro_step: int, dp_rank: int) -> list[int]:
+        first = ((step * self.accum + micro_step) * self.dp + dp_rank) * self.micro
+        return [int(self._perm(g // self.n)[g % self.n]) for g in range(first, first + self.micro)]

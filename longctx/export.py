@@ -1,0 +1,71 @@
+"""Export a run: `<out>/hf` loads in vanilla transformers (LoRA merged), `<out>/adapter` is PEFT's.
+
+The full state dict is gathered from the engine (ZeRO-3 partitions included) and loaded into
+a fresh model built on the meta device, so export never needs a second trained copy in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+
+from longctx.config import Recipe
+from longctx.model import add_lora
+
+log = logging.getLogger(__name__)
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """Every parameter of the engine's module, on rank 0 (None elsewhere); call on all ranks."""
+    if engine.zero_optimization_stage() == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict()
+    if dist.get_rank() != 0:
+        return None
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def export_state(state: dict[str, torch.Tensor], config, recipe: Recipe, tokenizer, out_dir: Path) -> dict:
+    """Write hf/ (and adapter/ for LoRA) from a state dict of the trained model."""
+    config = copy.deepcopy(config)
+    dtype = next(iter(state.values())).dtype
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    if recipe.lora.enabled:
+        model = add_lora(model, recipe.lora)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    # tied output embeddings are not in the state dict twice; anything else missing is a bug
+    missing = [k for k in missing if not (config.tie_word_embeddings and k.endswith("lm_head.weight"))]
+    if missing or unexpected:
+        raise RuntimeError(f"export: state dict does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    written = {}
+    if recipe.lora.enabled:
+        model.save_pretrained(out_dir / "adapter")
+        written["adapter"] = str(out_dir / "adapter")
+        model = model.merge_and_unload()
+    model.tie_weights()
+    model.save_pretrained(out_dir / "hf")
+    tokenizer.save_pretrained(out_dir / "hf")
+    written["hf"] = str(out_dir / "hf")
+    return written
+
+
+def export_run(engine, model, recipe: Recipe, tokenizer, run_dir: Path, is_main: bool) -> dict:
+    state = full_state_dict(engine)
+    written = {}
+    if is_main:
+        lm_config = (model.get_base_model() if recipe.lora.enabled else model).config
+        written = export_state(strip_prefix(state, "lm."), lm_config, recipe, tokenizer, run_dir)
+        log.info("exported %s", ", ".join(written.values()))
+    dist.barrier()
+    return written

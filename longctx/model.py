@@ -1,0 +1,113 @@
+"""Load a Hugging Face causal LM from a local directory, scale its RoPE, add LoRA, patch it.
+
+The model stays a transformers model: RoPE scaling is written into its config, attention is
+registered through transformers' interface, and `patch_model` reports every change it made.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from longctx.config import LoraSection, Recipe
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+NORM_SUFFIXES = ("input_layernorm", "post_attention_layernorm", "norm")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def model_dir(recipe: Recipe) -> str:
+    return recipe.model.path or recipe.model.config
+
+
+def load_tokenizer(recipe: Recipe):
+    return AutoTokenizer.from_pretrained(recipe.model.tokenizer or model_dir(recipe))
+
+
+def scaled_config(recipe: Recipe) -> tuple[PretrainedConfig, dict]:
+    """The model config with the recipe's RoPE scaling written in, and the effective values."""
+    config = AutoConfig.from_pretrained(model_dir(recipe))
+    if recipe.rope.method == "none":
+        return config, {"method": "none", "rope_parameters": dict(config.rope_parameters or {})}
+    from longctx.rope import scale_from_recipe
+
+    return scale_from_recipe(config, recipe.rope, default_target=recipe.data.seq_len)
+
+
+def build_model(recipe: Recipe, config: PretrainedConfig, dtype: torch.dtype) -> torch.nn.Module:
+    """Weights from model.path, or a seeded random init from model.config."""
+    if recipe.model.path is not None:
+        return AutoModelForCausalLM.from_pretrained(recipe.model.path, config=config, dtype=dtype)
+    torch.manual_seed(recipe.train.seed)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def lora_config(section: LoraSection):
+    from peft import LoraConfig
+
+    extra = (["embed_tokens"] if section.train_embeddings else []) + (
+        list(NORM_SUFFIXES) if section.train_norms else []
+    )
+    return LoraConfig(
+        r=section.r,
+        lora_alpha=section.alpha,
+        lora_dropout=section.dropout,
+        target_modules=list(section.targets),
+        modules_to_save=extra or None,
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_lora(model: torch.nn.Module, section: LoraSection) -> torch.nn.Module:
+    from peft import get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in section.targets if t not in present]
+    if missing:
+        raise ValueError(f"lora.targets: {missing} not found in the model (its modules include {sorted(present)[:12]}...)")
+    return get_peft_model(model, lora_config(section))
+
+
+def patch_model(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> list[str]:
+    """Apply attention and checkpointing choices; returns a line per change for the run log."""
+    changes = []
+    attn = attention_name(recipe, device)
+    model.set_attn_implementation(attn)
+    changes.append(f"attention: {attn}")
+    if checkpoint_policy(recipe) == "full":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        changes.append("activation checkpointing: every decoder layer")
+    return changes
+
+
+def attention_name(recipe: Recipe, device: torch.device) -> str:
+    backend = recipe.attention.backend
+    return "sdpa" if backend == "auto" else backend
+
+
+def checkpoint_policy(recipe: Recipe) -> str:
+    policy = recipe.train.checkpointing
+    return "full" if policy == "auto" else policy
+
+
+def load_model(recipe: Recipe, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The model ready for the engine, and a record of what was done to it."""
+    dtype = resolve_dtype(recipe.model.dtype, device)
+    config, rope_record = scaled_config(recipe)
+    model = build_model(recipe, config, dtype)
+    changes = patch_model(model, recipe, device)
+    if recipe.lora.enabled:
+        model = add_lora(model, recipe.lora)
+        changes.append(f"lora: r={recipe.lora.r} alpha={recipe.lora.alpha} on {','.join(recipe.lora.targets)}")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return model, {"rope": rope_record, "changes": changes, "trainable_params": trainable, "params": total}

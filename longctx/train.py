@@ -1,0 +1,198 @@
+"""The training loop on the DeepSpeed engine: data in, loss out, checkpoints, metrics, export.
+
+The loop does not know how attention, RoPE or checkpointing work: the model arrives patched.
+The loss of a step is the mean over every predicted token of the step (all micro-batches,
+all data-parallel ranks), so gradient accumulation and world size do not change it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import signal
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from longctx import checkpoint, export
+from longctx.config import Recipe, to_yaml
+from longctx.data import Packed, WindowSampler, build_packed
+from longctx.launcher.dsconfig import build_ds_config, check_ds_config
+from longctx.launcher.topology import Topology
+from longctx.loss import causal_lm_loss
+from longctx.model import load_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class CausalLMWithLoss(torch.nn.Module):
+    """What the engine runs: (input_ids, position_ids, labels) -> (loss sum, predicted tokens)."""
+
+    def __init__(self, lm: torch.nn.Module, chunk_tokens: int):
+        super().__init__()
+        self.lm = lm
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, input_ids, position_ids, labels):
+        return causal_lm_loss(self.lm, input_ids, position_ids, labels, self.chunk_tokens)
+
+
+def lr_schedule(recipe: Recipe):
+    """Linear warm-up (the first step already trains), then cosine down to min_lr_ratio."""
+    t = recipe.train
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / (t.warmup_steps + 1)
+        progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps - 1)
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class PreemptionFlag:
+    """SIGTERM / SIGUSR1 (SLURM's warning) ask for a checkpoint and a clean exit at the next step."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank if any rank was signalled, so all ranks stop at the same step."""
+        flag = torch.tensor([float(self.raised)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def micro_batch(packed: Packed, indices: list[int], device: torch.device) -> dict:
+    def take(a):
+        return torch.from_numpy(a[indices]).long().to(device)
+
+    return {"input_ids": take(packed.input_ids), "position_ids": take(packed.position_ids), "labels": take(packed.labels)}
+
+
+class Metrics:
+    """One JSON object per optimizer step in <out_dir>/metrics.jsonl (rank 0 writes)."""
+
+    def __init__(self, path: Path, resume_step: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled and path.exists():  # a resumed run rewrites the steps after its checkpoint
+            kept = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= resume_step]
+            path.write_text("".join(l + "\n" for l in kept))
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def build_data(recipe: Recipe, tokenizer, topo: Topology, run_dir: Path) -> Packed:
+    """Rank 0 tokenises and packs into the run's cache; the other ranks read that cache."""
+    cache = run_dir / "data"
+    if topo.rank == 0:
+        packed = build_packed(recipe.data, tokenizer, recipe.train.seed, str(cache))
+    dist.barrier()
+    if topo.rank != 0:
+        packed = build_packed(recipe.data, tokenizer, recipe.train.seed, str(cache))
+    return packed
+
+
+def train(recipe: Recipe, topo: Topology, run_dir: Path) -> dict:
+    t, device = recipe.train, topo.device
+    is_main = topo.rank == 0
+    tokenizer = load_tokenizer(recipe)
+    packed = build_data(recipe, tokenizer, topo, run_dir)
+    model, record = load_model(recipe, device)
+    bf16 = next(model.parameters()).dtype == torch.bfloat16
+    ds_config = build_ds_config(recipe, bf16=bf16)
+    check_ds_config(ds_config)
+    if is_main:
+        (run_dir / "recipe.yaml").write_text(to_yaml(recipe))
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+        info = {**record, "windows": len(packed), "documents": packed.documents, "world": topo.world_size}
+        (run_dir / "run.json").write_text(json.dumps(info, indent=2))
+        for line in record["changes"]:
+            log.info(line)
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=CausalLMWithLoss(model, t.loss_chunk_tokens),
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
+        lr_scheduler=lr_schedule(recipe),
+        mpu=topo.mpu(),
+    )
+    ckpt_root = run_dir / "checkpoints"
+    start, tokens_seen = 0, 0
+    resume_from = checkpoint.resolve_resume(t.resume, ckpt_root)
+    if resume_from is not None:
+        state = checkpoint.load(engine, resume_from)
+        start, tokens_seen = state["step"], state["tokens"]
+        if is_main:
+            log.info("resumed from %s at step %d", resume_from, start)
+
+    sampler = WindowSampler(len(packed), t.seed, t.micro_batch_size, t.grad_accum, topo.dp_size)
+    metrics = Metrics(run_dir / "metrics.jsonl", start, is_main)
+    preempt = PreemptionFlag()
+    bar = tqdm(total=t.max_steps, initial=start, desc="train", disable=not is_main, dynamic_ncols=True)
+    step, status, last_saved = start, "finished", None
+    while step < t.max_steps:
+        began = time.perf_counter()
+        batches = [micro_batch(packed, sampler.indices(step, m, topo.dp_rank), device) for m in range(t.grad_accum)]
+        counts = torch.tensor([float(sum(int((b["labels"] != -100).sum()) for b in batches))], device=device)
+        topo.all_reduce_dp(counts)
+        n_total = counts.item()
+        lr = engine.get_lr()[0]
+        loss_total = torch.zeros((), device=device)
+        for batch in batches:
+            loss_sum, _ = engine(**batch)
+            # DeepSpeed divides by accumulation steps and averages over data-parallel ranks
+            engine.backward(loss_sum * (t.grad_accum * topo.dp_size / max(n_total, 1.0)))
+            engine.step()
+            loss_total += loss_sum.detach().float()
+        topo.all_reduce_dp(loss_total)
+        step += 1
+        elapsed = time.perf_counter() - began
+        step_tokens = t.grad_accum * t.micro_batch_size * recipe.data.seq_len * topo.dp_size
+        tokens_seen += step_tokens
+        grad_norm = engine.get_global_grad_norm()
+        row = {
+            "step": step,
+            "loss": loss_total.item() / max(n_total, 1.0),
+            "lr": lr,
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "tokens": tokens_seen,
+            "tokens_per_s": step_tokens / elapsed,
+            "step_s": elapsed,
+            "peak_mem_gib": round(peak_memory_gib(device), 3),
+        }
+        metrics.write(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", mem=f"{row['peak_mem_gib']:.1f}G")
+        stop = preempt.agreed(device)
+        if (t.save_every and step % t.save_every == 0) or stop or step == t.max_steps:
+            checkpoint.save(engine, ckpt_root, step, {"step": step, "tokens": tokens_seen}, t.keep_checkpoints)
+            last_saved = step
+        if stop:
+            status = "preempted"
+            break
+    bar.close()
+    summary = {"status": status, "step": step, "last_checkpoint": last_saved, "run_dir": str(run_dir)}
+    if status == "finished" and t.export:
+        summary.update(export.export_run(engine, model, recipe, tokenizer, run_dir, is_main))
+    return summary
