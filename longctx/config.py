@@ -39,8 +39,8 @@ class ModelSection:
     path: Optional[str] = _f(None, "local Hugging Face model directory (config, weights, tokenizer)")
     config: Optional[str] = _f(None, "config-only directory: the model is built with random weights")
     tokenizer: Optional[str] = _f(None, "tokenizer directory; default: model.path or model.config")
-    dtype: str = _f("auto", "parameter dtype; auto = bf16 on GPU, fp32 on CPU",
-                    choices=["auto", "bf16", "fp16", "fp32"])
+    dtype: str = _f("auto", "training dtype of weights and activations; auto = bf16 on GPU, fp32 on CPU",
+                    choices=["auto", "bf16", "fp32"])
 
 
 @dataclass
@@ -94,7 +94,6 @@ class TrainSection:
     micro_batch_size: int = _f(1, "sequences per rank per forward pass", min=1)
     grad_accum: int = _f(1, "micro-batches per optimizer step", min=1)
     grad_clip: float = _f(1.0, "gradient norm clip; 0 = off", min=0.0)
-    precision: str = _f("auto", "auto = bf16 on GPU, fp32 on CPU", choices=["auto", "bf16", "fp16", "fp32"])
     loss_chunk_tokens: int = _f(4096, "tokens per chunk of the output projection + loss", min=1)
     checkpointing: str = _f("auto", "activation checkpointing per decoder layer",
                             choices=["auto", "none", "full", "offload"])
@@ -269,11 +268,9 @@ def validate(r: Recipe) -> None:
         raise ConfigError("parallel.offload_optimizer=true: needs parallel.zero_stage >= 1 (got 0)")
     if r.data.seq_len % p.sp:
         raise ConfigError(f"data.seq_len={r.data.seq_len}: must be divisible by parallel.sp={p.sp}")
-    if r.train.precision == "fp16":
-        raise ConfigError("train.precision=fp16: not supported for long-context training (overflows); use bf16|fp32")
     if r.lora.enabled and not r.lora.targets:
         raise ConfigError("lora.targets=[]: LoRA needs at least one target module")
-    if r.rope.method in ("none",) and any(
+    if r.rope.method == "none" and any(
         getattr(r.rope, k) is not None for k in ("factor", "theta", "beta_fast", "beta_slow", "low_freq_factor")
     ):
         raise ConfigError("rope.method=none: a RoPE parameter is set but no method; set rope.method")

@@ -15,7 +15,7 @@ from longctx.config import LoraSection, Recipe
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 NORM_SUFFIXES = ("input_layernorm", "post_attention_layernorm", "norm")
 
 

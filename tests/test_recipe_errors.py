@@ -1,0 +1,73 @@
+"""Bad recipes stop before anything is loaded: exit 2, one line naming the key, nothing written."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from longctx.config import ConfigError, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = "recipes/demo-cpu.yaml"
+
+
+def run_launcher(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launcher" / "run.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.lrr=0.1", "train.lrr: unknown key; did you mean 'train.lr'?"),  # unknown key
+        ("train.max_steps=ten", "train.max_steps='ten': wrong type"),  # wrong type
+        ("train.lr=-1", "train.lr=-1.0: must be > 0.0"),  # out of range
+        ("parallel.zero_stage=4", "parallel.zero_stage=4: must be one of 0|1|2|3"),  # not an allowed value
+        ("model.config=/no/such/dir", "model.config='/no/such/dir': not a directory with a config.json"),  # missing path
+        ("parallel.offload_params=true", "parallel.offload_params=true: needs parallel.zero_stage=3"),  # combination
+        ("data.seq_len=1000", None),  # valid on its own: contrasts the failing cases
+    ],
+)
+def test_bad_override_exits_2_with_one_line_and_writes_nothing(tmp_path, override, expected):
+    out = tmp_path / "run"
+    if expected is None:
+        recipe = load_recipe(str(ROOT / DEMO), [override, f"train.out_dir={out}"])
+        assert recipe.data.seq_len == 1000
+        return
+    proc = run_launcher("--config", DEMO, f"train.out_dir={out}", override)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_missing_recipe_file_and_bad_yaml(tmp_path):
+    proc = run_launcher("--config", str(tmp_path / "nope.yaml"))
+    assert proc.returncode == 2 and "no such recipe file" in proc.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    proc = run_launcher("--config", str(bad))
+    assert proc.returncode == 2 and "not valid YAML" in proc.stderr
+
+
+def test_unknown_key_inside_recipe_file(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  config: longctx/assets/demo-llama\ntrain:\n  max_stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"train.max_stepz: unknown key; did you mean 'train.max_steps'\?"):
+        load_recipe(str(recipe))
+
+
+def test_exactly_one_model_source_and_sp_divides_seq_len():
+    with pytest.raises(ConfigError, match="set exactly one"):
+        load_recipe(None, [])
+    with pytest.raises(ConfigError, match=r"data.seq_len=1000: must be divisible by parallel.sp=3"):
+        load_recipe(None, ["model.config=longctx/assets/demo-llama", "data.seq_len=1000", "parallel.sp=3"])
+
+
+def test_overrides_are_typed_like_yaml():
+    r = load_recipe(DEMO, ["lora.targets=[q_proj,v_proj]", "train.lr=1e-4", "lora.enabled=false", "rope.method=linear", "rope.factor=4"])
+    assert r.lora.targets == ["q_proj", "v_proj"] and r.train.lr == 1e-4
+    assert r.lora.enabled is False and r.rope.factor == 4.0
