@@ -14,6 +14,7 @@ import socket
 import sys
 from pathlib import Path
 
+from longctx.checkpoint import tag_for
 from longctx.config import ConfigError, Recipe, load_recipe
 
 
@@ -70,8 +71,26 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     summary = train(recipe, topo, run_dir)
     if rank == 0:
+        print(report(summary, run_dir))
         print(json.dumps(summary))
     return 0
+
+
+def report(summary: dict, run_dir: Path) -> str:
+    """Where the run's results are, for a person."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    first, last = rows[0], rows[-1]
+    lines = [
+        f"{summary['status']} at step {summary['step']}",
+        f"loss          {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']})",
+        f"metrics       {run_dir / 'metrics.jsonl'}",
+    ]
+    if summary["last_checkpoint"] is not None:
+        lines.append(f"checkpoint    {run_dir / 'checkpoints' / tag_for(summary['last_checkpoint'])}")
+    for key, text in (("hf", "model (HF)"), ("adapter", "adapter"), ("eval", "evaluation")):
+        if key in summary:
+            lines.append(f"{text:<14}{summary[key] if key != 'eval' else run_dir / 'eval'}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -195,4 +195,9 @@ def train(recipe: Recipe, topo: Topology, run_dir: Path) -> dict:
     summary = {"status": status, "step": step, "last_checkpoint": last_saved, "run_dir": str(run_dir)}
     if status == "finished" and t.export:
         summary.update(export.export_run(engine, model, recipe, tokenizer, run_dir, is_main))
+        if recipe.eval.at_end and is_main:
+            from longctx.evaluation import run_at_end
+
+            summary["eval"] = run_at_end(summary["hf"], recipe.eval, str(run_dir / "eval"))
+        dist.barrier()
     return summary

@@ -23,6 +23,7 @@ SMALL = [
     "train.max_steps=6",
     "train.save_every=2",
     "train.warmup_steps=1",
+    "lora.enabled=true",
 ]
 
 pytestmark = pytest.mark.slow
