@@ -166,6 +166,7 @@ def train(recipe: Recipe, topo: Topology, run_dir: Path) -> dict:
             engine.step()
             loss_total += loss_sum.detach().float()
         topo.all_reduce_dp(loss_total)
+        loss = loss_total.item() / max(n_total, 1.0)  # .item() waits for the device: time after it
         step += 1
         elapsed = time.perf_counter() - began
         step_tokens = t.grad_accum * t.micro_batch_size * recipe.data.seq_len * topo.dp_size
@@ -173,7 +174,7 @@ def train(recipe: Recipe, topo: Topology, run_dir: Path) -> dict:
         grad_norm = engine.get_global_grad_norm()
         row = {
             "step": step,
-            "loss": loss_total.item() / max(n_total, 1.0),
+            "loss": loss,
             "lr": lr,
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "tokens": tokens_seen,
