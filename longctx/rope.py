@@ -1,0 +1,254 @@
+"""RoPE scaling: inverse frequencies of every method, and configs that carry them.
+
+Our own implementation of the definitions transformers uses (`rope_parameters` in the
+config, `rope_type` naming the method), so a scaled config written here loads in vanilla
+transformers and rotates exactly as we trained. Two of our methods are not rope types of
+their own: `theta` sets a new base, `ntk` (static NTK-aware) derives the base from a factor;
+both are written as a plain base change, which every transformers version understands.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+
+METHODS = ("linear", "ntk", "dynamic", "yarn", "llama3", "longrope", "theta")
+# Parameters each method accepts beyond `factor`; anything else set for it is an error.
+METHOD_PARAMS = {
+    "linear": (),
+    "ntk": (),
+    "dynamic": (),
+    "yarn": ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate"),
+    "llama3": ("low_freq_factor", "high_freq_factor"),
+    "longrope": ("short_factor", "long_factor", "attention_factor"),
+    "theta": ("theta",),
+}
+LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
+
+
+class RopeError(ValueError):
+    """A scaling request that cannot be honoured; the message names the parameter."""
+
+
+def rope_parameters(config) -> dict[str, Any]:
+    """The config's RoPE parameters as one flat dict (5.x keeps them in `rope_parameters`)."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    params.setdefault("rope_type", params.pop("type", "default"))
+    if "rope_theta" not in params:
+        params["rope_theta"] = getattr(config, "rope_theta", None) or getattr(config, "default_theta", 10000.0)
+    if "partial_rotary_factor" not in params and getattr(config, "partial_rotary_factor", None) is not None:
+        params["partial_rotary_factor"] = config.partial_rotary_factor
+    return params
+
+
+def rotary_dim(config, params: dict[str, Any] | None = None) -> int:
+    params = rope_parameters(config) if params is None else params
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return int(head_dim * params.get("partial_rotary_factor", 1.0))
+
+
+def original_context(config, params: dict[str, Any] | None = None) -> int:
+    """The context the model was pre-trained on, before any scaling."""
+    params = rope_parameters(config) if params is None else params
+    return int(params.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", 0)
+               or config.max_position_embeddings)
+
+
+def _base_inv_freq(base: float, dim: int) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn(p: dict, dim: int, config) -> tuple[torch.Tensor, float]:
+    base, factor = p["rope_theta"], p.get("factor")
+    original = original_context(config, p)
+    if factor is None:
+        factor = config.max_position_embeddings / original
+    attention = p.get("attention_factor")
+    if attention is None:
+        if p.get("mscale") and p.get("mscale_all_dim"):
+            attention = _yarn_mscale(factor, p["mscale"]) / _yarn_mscale(factor, p["mscale_all_dim"])
+        else:
+            attention = _yarn_mscale(factor)
+    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+    def dim_for(rotations: float) -> float:  # dimension whose wavelength fits `rotations` times in the context
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_for(beta_fast), dim_for(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolated = _base_inv_freq(base, dim)
+    # high-frequency dimensions (ramp 0) keep their frequency, low-frequency ones are interpolated
+    inv = extrapolated / factor * ramp + extrapolated * (1 - ramp)
+    return inv, float(attention)
+
+
+def _llama3(p: dict, dim: int, config) -> torch.Tensor:
+    inv = _base_inv_freq(p["rope_theta"], dim)
+    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    original = p["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > original / low, inv / factor, inv)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _longrope(p: dict, dim: int, config, seq_len: int | None) -> tuple[torch.Tensor, float]:
+    original = original_context(config, p)
+    factor = p.get("factor") or config.max_position_embeddings / original
+    attention = p.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    ext = p["long_factor"] if seq_len and seq_len > original else p["short_factor"]
+    shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    return 1.0 / (torch.tensor(ext, dtype=torch.float32) * p["rope_theta"] ** shape), float(attention)
+
+
+def inv_freq(config, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies [rotary_dim // 2], attention factor) of a config, at `seq_len` for length-dependent methods."""
+    p = rope_parameters(config)
+    dim, kind = rotary_dim(config, p), p["rope_type"]
+    if kind == "default":
+        return _base_inv_freq(p["rope_theta"], dim), 1.0
+    if kind == "linear":
+        return _base_inv_freq(p["rope_theta"], dim) / p["factor"], 1.0
+    if kind == "dynamic":
+        limit = config.max_position_embeddings
+        length = max(seq_len or limit, limit)
+        base = p["rope_theta"] * ((p["factor"] * length / limit) - (p["factor"] - 1)) ** (dim / (dim - 2))
+        return _base_inv_freq(base, dim), 1.0
+    if kind == "yarn":
+        return _yarn(p, dim, config)
+    if kind == "llama3":
+        return _llama3(p, dim, config), 1.0
+    if kind == "longrope":
+        return _longrope(p, dim, config, seq_len)
+    raise RopeError(f"rope_type {kind!r}: not supported (supported: default, linear, dynamic, yarn, llama3, longrope)")
+
+
+def describe(config) -> dict[str, Any]:
+    """What a person needs to know about a model's RoPE."""
+    p = rope_parameters(config)
+    inv, attention = inv_freq(config)
+    wavelengths = 2 * math.pi / inv
+    return {
+        "rope_type": p["rope_type"],
+        "rope_parameters": p,
+        "rotary_dim": rotary_dim(config, p),
+        "original_context": original_context(config, p),
+        "max_position_embeddings": config.max_position_embeddings,
+        "attention_factor": attention,
+        "shortest_wavelength": float(wavelengths.min()),
+        "longest_wavelength": float(wavelengths.max()),
+    }
+
+
+def auto_method(config) -> str:
+    """yarn for an unscaled model; the model's own method where it already carries one that extends."""
+    kind = rope_parameters(config)["rope_type"]
+    return {"default": "yarn", "linear": "linear", "dynamic": "dynamic", "yarn": "yarn", "llama3": "llama3"}.get(kind, kind)
+
+
+def scale_config(config, target_length: int, method: str = "auto", **params: Any):
+    """A copy of `config` whose RoPE reaches `target_length` with `method`; the original is untouched.
+
+    A config that already carries a scaling is composed only where the result is the same
+    method with a larger factor over the same original context (llama3, yarn, linear,
+    dynamic), or a base change (`theta`, `ntk`) under the existing scaling; any other mix is
+    refused, never silently replaced.
+    """
+    params = {k: v for k, v in params.items() if v is not None}
+    current = rope_parameters(config)
+    kind = current["rope_type"]
+    method = auto_method(config) if method == "auto" else method
+    if method not in METHODS:
+        raise RopeError(f"rope.method={method}: must be one of auto|{'|'.join(METHODS)}")
+    allowed = set(METHOD_PARAMS[method]) | ({"factor"} if method != "theta" else set())
+    for key in params:
+        if key not in allowed:
+            raise RopeError(f"rope.{key}: does not apply to rope.method={method} (its parameters: {sorted(allowed) or 'none'})")
+    if "longrope" in (kind, method) and kind != "default":
+        raise RopeError(f"rope.method={method}: the model uses {kind} scaling; longrope factors are searched per model "
+                        f"and cannot be composed with another scaling")
+    composable = method in ("theta", "ntk") or method == kind or kind == "default"
+    if not composable:
+        raise RopeError(f"rope.method={method}: the model already uses {kind} scaling "
+                        f"(factor {current.get('factor')} over {original_context(config, current)} tokens); "
+                        f"extend it with rope.method={auto_method(config)} (a larger factor), theta or ntk")
+
+    original = original_context(config, current)
+    new = dict(current)
+    dim = rotary_dim(config, current)
+    if method == "theta":
+        if "theta" not in params:
+            raise RopeError("rope.theta: required by rope.method=theta (the new base frequency)")
+        new["rope_theta"] = float(params["theta"])
+    elif method == "ntk":
+        # NTK-aware: base * factor^(d/(d-2)), the base dynamic NTK (factor 1) reaches at factor x the context
+        factor = float(params.get("factor") or target_length / config.max_position_embeddings)
+        new["rope_theta"] = current["rope_theta"] * factor ** (dim / (dim - 2))
+    else:
+        factor = float(params.pop("factor", None) or target_length / original)
+        if factor < 1:
+            raise RopeError(f"rope.factor={factor}: must be >= 1 (target {target_length} < original context {original})")
+        new.update(rope_type=method, factor=factor)
+        if method in ("yarn", "llama3", "longrope"):
+            new["original_max_position_embeddings"] = original
+        if method == "llama3":
+            for key, default in LLAMA3_DEFAULTS.items():
+                new.setdefault(key, default)
+        if method == "longrope":
+            half = dim // 2
+            for key in ("short_factor", "long_factor"):
+                values = params.get(key)
+                if values is None or len(values) != half:
+                    raise RopeError(f"rope.{key}: longrope needs a list of {half} factors (rotary_dim / 2)")
+        new.update(params)
+    scaled = copy.deepcopy(config)
+    scaled.rope_parameters = new
+    # dynamic NTK measures lengths against max_position_embeddings: it must stay the original context
+    if method != "dynamic":
+        scaled.max_position_embeddings = max(int(target_length), config.max_position_embeddings)
+    return scaled
+
+
+def scale_from_recipe(config, section, default_target: int):
+    """Apply the recipe's `rope` section; returns (config, record of the effective values)."""
+    from longctx.config import ConfigError
+
+    target = section.target_length or default_target
+    keys = ("factor", "theta", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor",
+            "truncate", "low_freq_factor", "high_freq_factor", "short_factor", "long_factor")
+    params = {k: getattr(section, k) for k in keys if getattr(section, k) is not None}
+    before = describe(config)
+    if section.method == "auto" and not params and target <= config.max_position_embeddings:
+        scaled = config  # the model already reaches the target
+    else:
+        try:
+            scaled = scale_config(config, target, section.method, **params)
+        except RopeError as e:
+            raise ConfigError(str(e)) from None
+    after = describe(scaled)
+    record = {
+        "method": section.method if section.method != "auto" else f"auto -> {after['rope_type']}",
+        "target_length": target,
+        "original_context": before["original_context"],
+        "before": before["rope_parameters"],
+        "rope_parameters": after["rope_parameters"],
+        "max_position_embeddings": after["max_position_embeddings"],
+        "attention_factor": after["attention_factor"],
+    }
+    return scaled, record

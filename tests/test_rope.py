@@ -1,0 +1,150 @@
+"""Every RoPE method equals transformers' own definition; scaled configs round-trip through vanilla transformers."""
+
+import math
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, MistralConfig, Qwen2Config
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from longctx import rope
+from longctx.config import ConfigError, RopeSection
+
+
+def base_configs():
+    yield LlamaConfig(hidden_size=256, num_attention_heads=4, max_position_embeddings=4096,
+                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    yield Qwen2Config(hidden_size=192, num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=32768,
+                      rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    yield MistralConfig(hidden_size=256, num_attention_heads=8, head_dim=96, max_position_embeddings=8192,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    partial = LlamaConfig(hidden_size=256, num_attention_heads=2, max_position_embeddings=2048,
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
+    yield partial
+
+
+def reference(config, seq_len=None):
+    kind = config.rope_parameters["rope_type"]
+    if kind == "default":  # transformers computes the default inside each model's rotary module
+        p = config.rope_parameters
+        head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dim = int(head * p.get("partial_rotary_factor", 1.0))
+        return 1.0 / (p["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)), 1.0
+    return ROPE_INIT_FUNCTIONS[kind](config, "cpu", seq_len=seq_len)
+
+
+def assert_same(config, seq_len=None):
+    ours, ours_attn = rope.inv_freq(config, seq_len)
+    ref, ref_attn = reference(config, seq_len)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours.double(), ref.double(), rtol=1e-6, atol=0)
+    assert ours_attn == pytest.approx(ref_attn, rel=1e-6)
+
+
+def random_params(method, rng, dim):
+    if method == "yarn":
+        p = {"beta_fast": rng.choice([16.0, 32.0, 48.0]), "beta_slow": rng.choice([1.0, 2.0]),
+             "truncate": rng.choice([True, False])}
+        if rng.random() < 0.5:
+            p.update(mscale=rng.uniform(0.5, 1.5), mscale_all_dim=rng.uniform(0.5, 1.5))
+        return p
+    if method == "llama3":
+        return {"low_freq_factor": rng.choice([1.0, 2.0]), "high_freq_factor": rng.choice([4.0, 8.0])}
+    if method == "longrope":
+        return {"short_factor": [rng.uniform(1, 2) for _ in range(dim // 2)],
+                "long_factor": [rng.uniform(1, 16) for _ in range(dim // 2)]}
+    return {}
+
+
+@pytest.mark.parametrize("method", ["linear", "dynamic", "yarn", "llama3", "longrope"])
+@pytest.mark.parametrize("trial", range(3))
+def test_each_method_equals_transformers(method, trial):
+    rng = random.Random(trial * 31 + len(method))
+    for config in base_configs():
+        dim = rope.rotary_dim(config)
+        factor = rng.choice([2, 4, 8, 16, 3.5])
+        target = int(rope.original_context(config) * factor)
+        scaled = rope.scale_config(config, target, method, **random_params(method, rng, dim))
+        if method in ("dynamic", "longrope"):
+            original = rope.original_context(config)
+            for seq_len in (None, original // 2, original, original + 1, target, 2 * target):
+                assert_same(scaled, seq_len)
+        else:
+            assert_same(scaled)
+        assert scaled.max_position_embeddings == (config.max_position_embeddings if method == "dynamic" else target)
+        assert config.rope_parameters["rope_type"] == "default"  # the original is untouched
+
+
+def test_theta_and_ntk_are_base_changes_under_default_rope():
+    config = next(base_configs())
+    dim = rope.rotary_dim(config)
+    theta = rope.scale_config(config, 16384, "theta", theta=8e6)
+    assert theta.rope_parameters["rope_theta"] == 8e6 and theta.rope_parameters["rope_type"] == "default"
+    assert_same(theta)
+    ntk = rope.scale_config(config, 16384, "ntk")
+    assert ntk.rope_parameters["rope_theta"] == pytest.approx(500000.0 * 4 ** (dim / (dim - 2)))
+    assert_same(ntk)
+    # the static NTK base is the one dynamic NTK (factor 1) computes at the target length
+    dynamic = rope.scale_config(config, 16384, "dynamic", factor=1)
+    torch.testing.assert_close(rope.inv_freq(ntk)[0], rope.inv_freq(dynamic, seq_len=16384)[0])
+
+
+def llama31():
+    return LlamaConfig(hidden_size=256, num_attention_heads=2, max_position_embeddings=131072,
+                       rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                        "original_max_position_embeddings": 8192})
+
+
+def test_existing_llama3_scaling_is_composed_not_replaced():
+    config = llama31()
+    scaled = rope.scale_config(config, 524288, "auto")
+    p = scaled.rope_parameters
+    assert p["rope_type"] == "llama3" and p["factor"] == 64.0 and p["original_max_position_embeddings"] == 8192
+    assert_same(scaled)
+    theta = rope.scale_config(config, 524288, "theta", theta=4e6)
+    assert theta.rope_parameters["rope_type"] == "llama3" and theta.rope_parameters["factor"] == 8.0
+    assert_same(theta)
+    with pytest.raises(rope.RopeError, match="already uses llama3 scaling"):
+        rope.scale_config(config, 524288, "yarn")
+    with pytest.raises(rope.RopeError, match="cannot be composed"):
+        rope.scale_config(config, 524288, "longrope", short_factor=[1.0] * 64, long_factor=[2.0] * 64)
+
+
+def test_parameters_that_do_not_apply_are_refused():
+    config = next(base_configs())
+    with pytest.raises(rope.RopeError, match="rope.beta_fast: does not apply to rope.method=llama3"):
+        rope.scale_config(config, 16384, "llama3", beta_fast=32)
+    with pytest.raises(rope.RopeError, match="rope.theta: required"):
+        rope.scale_config(config, 16384, "theta")
+    with pytest.raises(rope.RopeError, match="rope.short_factor: longrope needs a list of 32"):
+        rope.scale_config(config, 16384, "longrope", short_factor=[1.0], long_factor=[1.0])
+
+
+def test_auto_picks_yarn_for_an_unscaled_model_and_records_it():
+    config = next(base_configs())
+    scaled, record = rope.scale_from_recipe(config, RopeSection(method="auto"), default_target=32768)
+    assert scaled.rope_parameters["rope_type"] == "yarn" and scaled.rope_parameters["factor"] == 8.0
+    assert record["method"] == "auto -> yarn" and record["original_context"] == 4096
+    assert record["attention_factor"] == pytest.approx(0.1 * math.log(8) + 1)
+    same, record = rope.scale_from_recipe(config, RopeSection(method="auto"), default_target=2048)
+    assert same is config and record["rope_parameters"]["rope_type"] == "default"
+    with pytest.raises(ConfigError, match="rope.low_freq_factor: does not apply"):
+        rope.scale_from_recipe(config, RopeSection(method="yarn", low_freq_factor=2.0), default_target=32768)
+
+
+def test_yarn_x4_export_reproduces_inv_freq_in_vanilla_transformers(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=128, max_position_embeddings=1024,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    scaled = rope.scale_config(config, 4096, "yarn", beta_fast=24.0)
+    AutoModelForCausalLM.from_config(scaled).save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ours, attention = rope.inv_freq(scaled)
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq.float(), ours, rtol=1e-6, atol=0)
+    assert model.model.rotary_emb.attention_scaling == pytest.approx(attention)
+    assert loaded.rope_parameters["factor"] == 4.0 and loaded.max_position_embeddings == 4096
