@@ -6,8 +6,10 @@ Every command module exposes `main(argv: list[str]) -> int`. Imports are lazy so
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from longctx.config import ConfigError
 
@@ -19,6 +21,13 @@ COMMANDS = {
     "chunk": ("longctx.chunking", "split documents into token windows or semantic chunks"),
     "count-tokens": ("longctx.token_count", "tokens per file and how many documents exceed given lengths"),
 }
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse whose bad arguments become a ConfigError: one line and exit code 2, no usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{self.prog}: {message}")
 
 
 def usage() -> str:

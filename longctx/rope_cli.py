@@ -1,0 +1,114 @@
+"""`longctx rope show MODEL_DIR` and `longctx rope scale MODEL_DIR --target N --out DIR`.
+
+`scale` writes a copy of the model directory whose config carries the scaling (weights
+linked, or copied with --copy): inference-time context extension without training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from longctx import rope
+from longctx.cli import ArgParser
+from longctx.config import ConfigError
+
+PARAM_FLAGS = ("factor", "theta", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor",
+               "low_freq_factor", "high_freq_factor")
+
+
+def parse_length(text: str) -> int:
+    """`131072`, `128k`, `1m` -> tokens (k = 1024)."""
+    units = {"k": 1024, "m": 1024**2}
+    t = text.strip().lower()
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a length (e.g. 32768, 32k, 1m)") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = ArgParser(prog="longctx rope", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgParser)
+    show = sub.add_parser("show", help="a model's RoPE setup and original context")
+    show.add_argument("model_dir")
+    show.add_argument("--json", action="store_true")
+    scale = sub.add_parser("scale", help="write a copy whose config carries a RoPE scaling")
+    scale.add_argument("model_dir")
+    scale.add_argument("--target", type=parse_length, required=True, help="context to reach, e.g. 131072 or 128k")
+    scale.add_argument("--method", default="auto", choices=("auto",) + rope.METHODS)
+    scale.add_argument("--out", required=True, help="new model directory (must not exist)")
+    scale.add_argument("--copy", action="store_true", help="copy weight files instead of linking them")
+    scale.add_argument("--no-truncate", dest="truncate", action="store_false", default=None, help="yarn: no truncation")
+    for name in PARAM_FLAGS:
+        scale.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float)
+    return p
+
+
+def load_config(model_dir: str):
+    from transformers import AutoConfig
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise ConfigError(f"model_dir={model_dir!r}: not a directory with a config.json")
+    return AutoConfig.from_pretrained(model_dir)
+
+
+def show(args) -> int:
+    info = rope.describe(load_config(args.model_dir))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    rows = [("rope_type", info["rope_type"])]
+    for key, value in info["rope_parameters"].items():
+        if key != "rope_type":
+            rows.append((f"  {key}", f"[{len(value)} values]" if isinstance(value, list) else value))
+    rows += [
+        ("rotary dims", info["rotary_dim"]),
+        ("original context", info["original_context"]),
+        ("max_position_embeddings", info["max_position_embeddings"]),
+        ("attention factor", f"{info['attention_factor']:.6g}"),
+        ("wavelengths", f"{info['shortest_wavelength']:.3g} .. {info['longest_wavelength']:.3g} tokens"),
+    ]
+    for key, value in rows:
+        print(f"{key:<36}{value}")
+    return 0
+
+
+def scale(args) -> int:
+    config = load_config(args.model_dir)
+    out = Path(args.out)
+    if out.exists():
+        raise ConfigError(f"--out {out}: already exists; choose a new directory")
+    params = {k: getattr(args, k) for k in PARAM_FLAGS + ("truncate",)}
+    try:
+        scaled = rope.scale_config(config, args.target, args.method, **params)
+    except rope.RopeError as e:
+        flags = re.sub(r"rope\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e))
+        raise ConfigError(flags) from None
+    out.mkdir(parents=True)
+    for item in Path(args.model_dir).iterdir():
+        if item.name == "config.json" or item.is_dir():
+            continue
+        if args.copy:
+            shutil.copy2(item, out / item.name)
+        else:
+            os.symlink(item.resolve(), out / item.name)
+    scaled.save_pretrained(out)
+    info = rope.describe(scaled)
+    print(f"wrote {out}: {info['rope_type']} {json.dumps(info['rope_parameters'])}, "
+          f"max_position_embeddings {info['max_position_embeddings']}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    return show(args) if args.command == "show" else scale(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,48 @@
+"""`longctx rope show|scale`: readable output, a loadable scaled copy, one-line errors."""
+
+import json
+
+import pytest
+
+from longctx import rope
+from longctx.cli import main
+
+
+def test_show_prints_type_original_context_and_wavelengths(demo_dir, capsys):
+    assert main(["rope", "show", str(demo_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "rope_type" in out and "default" in out and "original context" in out and "256" in out
+
+
+def test_scale_writes_a_copy_with_the_scaling_and_linked_files(tiny_model_dir, tmp_path, capsys):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = tmp_path / "yarn"
+    assert main(["rope", "scale", str(tiny_model_dir), "--target", "1k", "--method", "yarn", "--beta-fast", "16",
+                 "--out", str(out)]) == 0
+    config = AutoConfig.from_pretrained(out)
+    assert config.rope_parameters["rope_type"] == "yarn" and config.rope_parameters["factor"] == 4.0
+    assert config.rope_parameters["beta_fast"] == 16.0 and config.max_position_embeddings == 1024
+    assert (out / "model.safetensors").is_symlink()
+    model = AutoModelForCausalLM.from_pretrained(out)  # weights through the link
+    assert model.model.rotary_emb.attention_scaling == pytest.approx(rope.inv_freq(config)[1])
+    assert main(["rope", "show", str(out), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert shown["rope_type"] == "yarn" and shown["original_context"] == 256
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--target", "lots"], "argument --target: 'lots' is not a length"),
+        (["--target", "1k", "--method", "llama3", "--beta-fast", "3"], "--beta-fast: does not apply to --method=llama3"),
+        (["--target", "1k", "--method", "magic"], "argument --method: invalid choice: 'magic'"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line_and_write_nothing(demo_dir, tmp_path, capsys, args, message):
+    out = tmp_path / "o"
+    assert main(["rope", "scale", str(demo_dir), *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
