@@ -24,6 +24,7 @@ SMALL = [
     "train.save_every=2",
     "train.warmup_steps=1",
     "lora.enabled=true",
+    "rope.target_length=1024",
 ]
 
 pytestmark = pytest.mark.slow
@@ -96,7 +97,11 @@ def test_zero2_run_writes_metrics_checkpoints_and_export(reference):
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-0000004", "step-0000006"]
     ds_config = json.loads((out / "ds_config.json").read_text())
     assert ds_config["zero_optimization"]["stage"] == 2
-    assert (out / "hf" / "config.json").exists() and (out / "adapter" / "adapter_config.json").exists()
+    assert (out / "adapter" / "adapter_config.json").exists()
+    exported = json.loads((out / "hf" / "config.json").read_text())
+    assert exported["rope_parameters"]["rope_type"] == "yarn" and exported["rope_parameters"]["factor"] == 4.0
+    assert exported["max_position_embeddings"] == 1024
+    assert json.loads((out / "run.json").read_text())["rope"]["method"] == "auto -> yarn"
 
 
 def test_sigkill_then_resume_reproduces_every_loss(reference, tmp_path):
