@@ -11,6 +11,7 @@ import logging
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
+from longctx.attention import attention_implementation
 from longctx.config import LoraSection, Recipe
 
 log = logging.getLogger(__name__)
@@ -80,18 +81,13 @@ def add_lora(model: torch.nn.Module, section: LoraSection) -> torch.nn.Module:
 def patch_model(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> list[str]:
     """Apply attention and checkpointing choices; returns a line per change for the run log."""
     changes = []
-    attn = attention_name(recipe, device)
+    attn = attention_implementation(recipe.attention.backend, device)
     model.set_attn_implementation(attn)
     changes.append(f"attention: {attn}")
     if checkpoint_policy(recipe) == "full":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         changes.append("activation checkpointing: every decoder layer")
     return changes
-
-
-def attention_name(recipe: Recipe, device: torch.device) -> str:
-    backend = recipe.attention.backend
-    return "sdpa" if backend == "auto" else backend
 
 
 def checkpoint_policy(recipe: Recipe) -> str:

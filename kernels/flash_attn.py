@@ -1,0 +1,325 @@
+"""Flash attention in Triton: forward and backward, causal or not, GQA, packed documents.
+
+One kernel family serves both entry points: `flash_attn_varlen_func` takes packed tokens
+(total, heads, dim) with cumulative sequence lengths; `flash_attn_func` (batch, seq, heads,
+dim) is the varlen case with equal lengths. Grouped-query attention reads each k/v head for
+its group of query heads; k and v are never repeated in memory. Causal masking aligns the
+last query with the last key (as the flash-attn package does when lengths differ).
+
+Softmax runs in base 2: scores are multiplied by scale * log2(e), and the saved
+log-sum-exp is in the same units, so backward recomputes probabilities with one exp2.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _fwd_blocks(q, K, V, k0, hk, s_kt, s_kh, s_vt, s_vh, m_i, l_i, acc, scale_log2, lo, hi, len_k, shift,
+                offs_m, offs_n, offs_d, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online softmax over key blocks [lo, hi); MASKED blocks may cross the diagonal or the end."""
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + offs_n
+        if MASKED:
+            col_ok = cols < len_k
+            k = tl.load(K + (k0 + cols)[None, :] * s_kt + hk * s_kh + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+            v = tl.load(V + (k0 + cols)[:, None] * s_vt + hk * s_vh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        else:
+            k = tl.load(K + (k0 + cols)[None, :] * s_kt + hk * s_kh + offs_d[:, None])
+            v = tl.load(V + (k0 + cols)[:, None] * s_vt + hk * s_vh + offs_d[None, :])
+        s = tl.dot(q, k) * scale_log2
+        if MASKED:
+            keep = col_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] + shift >= cols[None, :])
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, CU_Q, CU_K, scale_log2,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, s_lt,
+    H: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    hk = h // GROUP
+    q0, k0 = tl.load(CU_Q + b), tl.load(CU_K + b)
+    len_q, len_k = tl.load(CU_Q + b + 1) - q0, tl.load(CU_K + b + 1) - k0
+    if pid_m * BLOCK_M >= len_q:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < len_q
+    q = tl.load(Q + (q0 + offs_m)[:, None] * s_qt + h * s_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    shift = len_k - len_q  # query i sees keys <= i + shift
+    hi = len_k
+    full = len_k // BLOCK_N * BLOCK_N  # blocks every row of this tile sees whole: no mask needed
+    if CAUSAL:
+        hi = tl.minimum(len_k, (pid_m + 1) * BLOCK_M + shift)
+        full = tl.minimum(full, tl.maximum(0, (pid_m * BLOCK_M + shift + 1) // BLOCK_N * BLOCK_N))
+    m_i, l_i, acc = _fwd_blocks(q, K, V, k0, hk, s_kt, s_kh, s_vt, s_vh, m_i, l_i, acc, scale_log2, 0, full,
+                                len_k, shift, offs_m, offs_n, offs_d, False, CAUSAL, BLOCK_N)
+    m_i, l_i, acc = _fwd_blocks(q, K, V, k0, hk, s_kt, s_kh, s_vt, s_vh, m_i, l_i, acc, scale_log2, full, hi,
+                                len_k, shift, offs_m, offs_n, offs_d, True, CAUSAL, BLOCK_N)
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    # +inf for rows that see no key: backward then recomputes probability 0 for them
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+    tl.store(O + (q0 + offs_m)[:, None] * s_ot + h * s_oh + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + (q0 + offs_m) * s_lt + h, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, s_ot, s_oh, s_dt, s_dh, s_lt, total, H: tl.constexpr, D: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    h = tl.program_id(1)
+    ok = rows < total
+    offs_d = tl.arange(0, D)
+    o = tl.load(O + rows[:, None] * s_ot + h * s_oh + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + rows[:, None] * s_dt + h * s_dh + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + rows * s_lt + h, tl.sum(o * do, 1), mask=ok)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, scale_log2, scale,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dt, s_dh, s_lt, s_dkt, s_dkh, s_dvt, s_dvh,
+    HK: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n, bh = tl.program_id(0), tl.program_id(1)
+    b, hk = bh // HK, bh % HK
+    q0, k0 = tl.load(CU_Q + b), tl.load(CU_K + b)
+    len_q, len_k = tl.load(CU_Q + b + 1) - q0, tl.load(CU_K + b + 1) - k0
+    if pid_n * BLOCK_N >= len_k:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    col_ok = offs_n < len_k
+    k = tl.load(K + (k0 + offs_n)[:, None] * s_kt + hk * s_kh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + (k0 + offs_n)[:, None] * s_vt + hk * s_vh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    shift = len_k - len_q
+    lo = 0
+    if CAUSAL:  # queries before this key block's first key minus the shift see none of it
+        lo = tl.maximum(0, (pid_n * BLOCK_N - shift) // BLOCK_M * BLOCK_M)
+    for g in range(GROUP):  # the query heads that read this k/v head
+        h = hk * GROUP + g
+        for start in range(lo, len_q, BLOCK_M):
+            rows = start + offs_m
+            row_ok = rows < len_q
+            q = tl.load(Q + (q0 + rows)[:, None] * s_qt + h * s_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(DO + (q0 + rows)[:, None] * s_dt + h * s_dh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            lse = tl.load(LSE + (q0 + rows) * s_lt + h, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + (q0 + rows) * s_lt + h, mask=row_ok, other=0.0)
+            s_t = tl.dot(k, tl.trans(q)) * scale_log2  # (N, M)
+            p_t = tl.exp2(s_t - lse[None, :])
+            keep = col_ok[:, None] & row_ok[None, :]
+            if CAUSAL:
+                keep = keep & (rows[None, :] + shift >= offs_n[:, None])
+            p_t = tl.where(keep, p_t, 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do)
+            dp_t = tl.dot(v, tl.trans(do))
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q)
+    tl.store(DK + (k0 + offs_n)[:, None] * s_dkt + hk * s_dkh + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=col_ok[:, None])
+    tl.store(DV + (k0 + offs_n)[:, None] * s_dvt + hk * s_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=col_ok[:, None])
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, scale_log2, scale,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dt, s_dh, s_lt, s_dqt, s_dqh,
+    H: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    hk = h // GROUP
+    q0, k0 = tl.load(CU_Q + b), tl.load(CU_K + b)
+    len_q, len_k = tl.load(CU_Q + b + 1) - q0, tl.load(CU_K + b + 1) - k0
+    if pid_m * BLOCK_M >= len_q:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < len_q
+    q = tl.load(Q + (q0 + offs_m)[:, None] * s_qt + h * s_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + (q0 + offs_m)[:, None] * s_dt + h * s_dh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + (q0 + offs_m) * s_lt + h, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + (q0 + offs_m) * s_lt + h, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    shift = len_k - len_q
+    hi = len_k
+    if CAUSAL:
+        hi = tl.minimum(len_k, (pid_m + 1) * BLOCK_M + shift)
+    for start in range(0, hi, BLOCK_N):
+        cols = start + offs_n
+        col_ok = cols < len_k
+        k = tl.load(K + (k0 + cols)[:, None] * s_kt + hk * s_kh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + (k0 + cols)[:, None] * s_vt + hk * s_vh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        p = tl.exp2(s - lse[:, None])
+        keep = col_ok[None, :] & row_ok[:, None]
+        if CAUSAL:
+            keep = keep & (offs_m[:, None] + shift >= cols[None, :])
+        p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + (q0 + offs_m)[:, None] * s_dqt + h * s_dqh + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+# Tile sizes per head dim: (BLOCK_M, BLOCK_N, warps, stages) for forward, and for the two backward kernels.
+# Under the interpreter small tiles keep CPU tests fast; they change speed only, never results.
+_SMALL = {"fwd": (128, 64, 4, 3), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}
+TILES = {
+    16: _SMALL,
+    32: _SMALL,
+    64: _SMALL,
+    128: {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 2), "dq": (64, 64, 8, 2)},
+    256: {"fwd": (64, 32, 8, 2), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1)},
+}
+INTERPRET_TILES = (16, 16, 1, 1)
+
+
+def _tiles(head_dim: int, kernel: str) -> tuple[int, int, int, int]:
+    if INTERPRET:
+        return INTERPRET_TILES
+    return TILES[head_dim][kernel]
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 3 or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"expected q (tokens, heads, dim) and k, v (tokens, kv_heads, dim); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads {q.shape[1]} must be a multiple of kv heads {k.shape[1]}")
+    if q.shape[-1] not in TILES:
+        raise ValueError(f"head dim {q.shape[-1]} not supported (supported: {sorted(TILES)})")
+
+
+class _FlashAttnVarlen(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+        _check(q, k, v)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        total, heads, dim = q.shape
+        batch = cu_q.numel() - 1
+        o = torch.empty_like(q)
+        lse = torch.empty((total, heads), device=q.device, dtype=torch.float32)
+        bm, bn, warps, stages = _tiles(dim, "fwd")
+        grid = (triton.cdiv(max_q, bm), batch * heads)
+        _fwd_kernel[grid](
+            q, k, v, o, lse, cu_q, cu_k, scale * LOG2E,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+            lse.stride(0), H=heads, GROUP=heads // k.shape[1], CAUSAL=causal, D=dim, BLOCK_M=bm, BLOCK_N=bn,
+            num_warps=warps, num_stages=stages,
+        )
+        ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k)
+        ctx.meta = (max_q, max_k, causal, scale)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
+        max_q, max_k, causal, scale = ctx.meta
+        do = do.contiguous()
+        total, heads, dim = q.shape
+        kv_heads, batch = k.shape[1], cu_q.numel() - 1
+        delta = torch.empty_like(lse)
+        _bwd_delta_kernel[(triton.cdiv(total, 64), heads)](
+            o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), delta.stride(0), total,
+            H=heads, D=dim, BLOCK=64,
+        )
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        bm, bn, warps, stages = _tiles(dim, "dkdv")
+        _bwd_dkdv_kernel[(triton.cdiv(max_k, bn), batch * kv_heads)](
+            q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, scale * LOG2E, scale,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+            lse.stride(0), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            HK=kv_heads, GROUP=heads // kv_heads, CAUSAL=causal, D=dim, BLOCK_M=bm, BLOCK_N=bn,
+            num_warps=warps, num_stages=stages,
+        )
+        bm, bn, warps, stages = _tiles(dim, "dq")
+        _bwd_dq_kernel[(triton.cdiv(max_q, bm), batch * heads)](
+            q, k, v, do, lse, delta, dq, cu_q, cu_k, scale * LOG2E, scale,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+            lse.stride(0), dq.stride(0), dq.stride(1),
+            H=heads, GROUP=heads // kv_heads, CAUSAL=causal, D=dim, BLOCK_M=bm, BLOCK_N=bn,
+            num_warps=warps, num_stages=stages,
+        )
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def flash_attn_varlen_func(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+    causal: bool = True, softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Attention over packed sequences: q (total_q, heads, dim), k/v (total_k, kv_heads, dim)."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return _FlashAttnVarlen.apply(q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
+                                  int(max_seqlen_q), int(max_seqlen_k), causal, scale)
+
+
+def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                    softmax_scale: float | None = None) -> torch.Tensor:
+    """Attention over a batch: q (batch, seq_q, heads, dim), k/v (batch, seq_k, kv_heads, dim)."""
+    batch, seq_q, heads, dim = q.shape
+    seq_k = k.shape[1]
+    cu_q = torch.arange(0, (batch + 1) * seq_q, seq_q, device=q.device, dtype=torch.int32)
+    cu_k = torch.arange(0, (batch + 1) * seq_k, seq_k, device=q.device, dtype=torch.int32)
+    out = flash_attn_varlen_func(q.reshape(batch * seq_q, heads, dim), k.reshape(batch * seq_k, -1, dim),
+                                 v.reshape(batch * seq_k, -1, dim), cu_q, cu_k, seq_q, seq_k, causal, softmax_scale)
+    return out.view(batch, seq_q, heads, dim)
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                        cu_seqlens_k: torch.Tensor, causal: bool = True, softmax_scale: float | None = None) -> torch.Tensor:
+    """Plain torch, explicit mask, per sequence, in the inputs' dtype (use float64 for references)."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    group = q.shape[1] // k.shape[1]
+    out = torch.zeros_like(q)
+    for b in range(cu_seqlens_q.numel() - 1):
+        qs, qe, ks, ke = (int(x) for x in (cu_seqlens_q[b], cu_seqlens_q[b + 1], cu_seqlens_k[b], cu_seqlens_k[b + 1]))
+        qb = q[qs:qe].transpose(0, 1)
+        kb = k[ks:ke].repeat_interleave(group, dim=1).transpose(0, 1)
+        vb = v[ks:ke].repeat_interleave(group, dim=1).transpose(0, 1)
+        scores = qb @ kb.transpose(1, 2) * scale
+        if causal:
+            lq, lk = qe - qs, ke - ks
+            visible = torch.arange(lq, device=q.device)[:, None] + (lk - lq) >= torch.arange(lk, device=q.device)[None, :]
+            scores = scores.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows that see no key output zeros
+        out[qs:qe] = (probs @ vb).transpose(0, 1)
+    return out

@@ -1,0 +1,71 @@
+"""Flash attention against the float64 reference: values and gradients of q, k and v.
+
+On CPU the kernels run in Triton's interpreter at tiny shapes (fp32); on GPU at real shapes in bf16.
+"""
+
+import pytest
+import torch
+
+from longctx.kernels.flash_attn import flash_attn_func, flash_attn_varlen_func, reference_attention
+
+CUDA = torch.cuda.is_available()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def check(lengths_q, lengths_k, heads, kv_heads, dim, causal, dtype, device, tol):
+    gen = torch.Generator(device="cpu").manual_seed(sum(lengths_q) * 7 + heads + dim + causal)
+    cu_q = torch.tensor([0] + list(torch.tensor(lengths_q).cumsum(0)), dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0] + list(torch.tensor(lengths_k).cumsum(0)), dtype=torch.int32, device=device)
+    q = torch.randn(sum(lengths_q), heads, dim, generator=gen).to(device, dtype).requires_grad_()
+    k = torch.randn(sum(lengths_k), kv_heads, dim, generator=gen).to(device, dtype).requires_grad_()
+    v = torch.randn(sum(lengths_k), kv_heads, dim, generator=gen).to(device, dtype).requires_grad_()
+    out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), causal=causal)
+    grad = torch.randn(out.shape, generator=gen).to(device, dtype)
+    out.backward(grad)
+    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = reference_attention(*ref_in, cu_q, cu_k, causal=causal)
+    ref.backward(grad.double())
+    for name, ours, theirs in [("out", out, ref), ("dq", q.grad, ref_in[0].grad), ("dk", k.grad, ref_in[1].grad),
+                               ("dv", v.grad, ref_in[2].grad)]:
+        assert torch.isfinite(ours).all(), name
+        assert rel_err(ours, theirs) < tol, (name, rel_err(ours, theirs))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 1), (8, 1), (8, 2)])
+def test_packed_documents_of_uneven_length(causal, heads, kv_heads):
+    lengths = [1, 19, 6, 37, 1]  # not multiples of the block size, length-1 documents included
+    check(lengths, lengths, heads, kv_heads, 32, causal, torch.float32, "cpu", 1e-5)
+
+
+@pytest.mark.parametrize("dim", [16, 64])
+def test_query_shorter_than_keys_aligns_the_last_query_with_the_last_key(dim):
+    check([5, 3], [21, 3], 2, 1, dim, True, torch.float32, "cpu", 1e-5)
+
+
+def test_batch_entry_point_equals_varlen():
+    q, k, v = (torch.randn(2, 23, h, 32) for h in (4, 2, 2))
+    out = flash_attn_func(q, k, v, causal=True)
+    cu = torch.tensor([0, 23, 46], dtype=torch.int32)
+    ref = reference_attention(q.flatten(0, 1).double(), k.flatten(0, 1).double(), v.flatten(0, 1).double(), cu, cu)
+    assert rel_err(out.flatten(0, 1), ref) < 1e-5
+
+
+def test_unsupported_shapes_are_refused():
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        flash_attn_func(torch.randn(1, 4, 3, 32), torch.randn(1, 4, 2, 32), torch.randn(1, 4, 2, 32))
+    with pytest.raises(ValueError, match="head dim 48 not supported"):
+        flash_attn_func(torch.randn(1, 4, 2, 48), torch.randn(1, 4, 2, 48), torch.randn(1, 4, 2, 48))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads, kv_heads", [(32, 32), (32, 8), (32, 4)])
+def test_gpu_bf16_real_shapes(dim, causal, heads, kv_heads):
+    lengths = [1, 777, 4096, 2049, 130]
+    check(lengths, lengths, heads, kv_heads, dim, causal, torch.bfloat16, "cuda", 1e-2)
