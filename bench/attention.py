@@ -53,10 +53,10 @@ def inputs(total: int, seed: int):
 def single_sequence(n: int) -> list[dict]:
     q, k, v = inputs(n, n)
     qb, kb, vb = (x.detach().unsqueeze(0).requires_grad_() for x in (q, k, v))
-    qt, kt, vt = (x.detach().transpose(0, 1).unsqueeze(0).requires_grad_() for x in (q, k, v))
+    qt, kt, vt = (x.detach().transpose(0, 1).unsqueeze(0).contiguous().requires_grad_() for x in (q, k, v))
     # SDPA's fused backends take GQA as repeated k/v; repeating happens outside the timed region
-    kr, vr = (x.detach().repeat_interleave(HEADS // KV_HEADS, 2).requires_grad_() for x in (kt, vt))
-    block = create_block_mask(lambda b, h, qi, ki: qi >= ki, 1, None, n, n, device="cuda")
+    kr, vr = (x.detach().repeat_interleave(HEADS // KV_HEADS, 1).contiguous().requires_grad_() for x in (kt, vt))
+    block = create_block_mask(lambda b, h, qi, ki: qi >= ki, 1, None, n, n, device="cuda", _compile=True)
     cases = {"ours (triton)": lambda: flash_attn_func(qb, kb, vb, causal=True)}
     for name, backend in SDPA_BACKENDS.items():
         def run(backend=backend):
@@ -64,7 +64,7 @@ def single_sequence(n: int) -> list[dict]:
                 return F.scaled_dot_product_attention(qt, kr, vr, is_causal=True)
         cases[name] = run
     cases["flex"] = lambda: flex(qt, kt, vt, block_mask=block, enable_gqa=True)
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+    with torch.no_grad(), sdpa_kernel(list(SDPA_BACKENDS.values())):
         expected = F.scaled_dot_product_attention(qt, kr, vr, is_causal=True).transpose(1, 2).float()
     return measure(cases, expected, causal_flops([n]), f"{n // 1024}K")
 
@@ -81,8 +81,17 @@ def measure(cases: dict, expected: torch.Tensor, flops: float, label: str) -> li
                          "fwd_tflops": flops / fwd / 1e9, "fwd_bwd_tflops": 3.5 * flops / both / 1e9})
         except Exception as e:  # a backend that cannot run this case is reported, not hidden
             rows.append({"case": label, "impl": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
+        print_row(rows[-1])
         torch.cuda.empty_cache()
     return rows
+
+
+def print_row(r: dict) -> None:
+    if "error" in r:
+        print(f"{r['case']:<26}{r['impl']:<24}  {r['error']}", flush=True)
+    else:
+        print(f"{r['case']:<26}{r['impl']:<24}{r['fwd_tflops']:>10.0f}{r['fwd_bwd_tflops']:>14.0f}"
+              f"{r['rel_err_vs_sdpa']:>10.1e}", flush=True)
 
 
 def packed_documents(total: int, seed: int = 0) -> list[dict]:
@@ -95,8 +104,8 @@ def packed_documents(total: int, seed: int = 0) -> list[dict]:
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device="cuda")
     doc = torch.repeat_interleave(torch.arange(len(lengths), device="cuda"), torch.tensor(lengths, device="cuda"))
     block = create_block_mask(lambda b, h, qi, ki: (doc[qi] == doc[ki]) & (qi >= ki), 1, None, total, total,
-                              device="cuda")
-    qt, kt, vt = (x.detach().transpose(0, 1).unsqueeze(0).requires_grad_() for x in (q, k, v))
+                              device="cuda", _compile=True)
+    qt, kt, vt = (x.detach().transpose(0, 1).unsqueeze(0).contiguous().requires_grad_() for x in (q, k, v))
     cases = {
         "ours (triton, varlen)": lambda: flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths)).unsqueeze(0),
         "flex (document mask)": lambda: flex(qt, kt, vt, block_mask=block, enable_gqa=True),
@@ -111,18 +120,11 @@ def main() -> int:
     parser.add_argument("--packed", type=int, default=65536)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    rows = []
-    for n in (int(x) for x in args.lengths.split(",")):
-        rows += single_sequence(n)
-    rows += packed_documents(args.packed)
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}")
     print(f"{'case':<26}{'impl':<24}{'fwd TF/s':>10}{'fwd+bwd TF/s':>14}{'err':>10}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['case']:<26}{r['impl']:<24}  {r['error']}")
-        else:
-            print(f"{r['case']:<26}{r['impl']:<24}{r['fwd_tflops']:>10.0f}{r['fwd_bwd_tflops']:>14.0f}"
-                  f"{r['rel_err_vs_sdpa']:>10.1e}")
+    rows = packed_documents(args.packed)
+    for n in (int(x) for x in args.lengths.split(",")):
+        rows += single_sequence(n)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=2)

@@ -25,7 +25,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _fwd_blocks(q, K, V, k0, hk, s_kt, s_kh, s_vt, s_vh, m_i, l_i, acc, scale_log2, lo, hi, len_k, shift,
-                offs_m, offs_n, offs_d, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+                offs_m, offs_n, offs_d, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                PREC: tl.constexpr):
     """Online softmax over key blocks [lo, hi); MASKED blocks may cross the diagonal or the end."""
     for start in range(lo, hi, BLOCK_N):
         cols = start + offs_n
@@ -36,7 +37,7 @@ def _fwd_blocks(q, K, V, k0, hk, s_kt, s_kh, s_vt, s_vh, m_i, l_i, acc, scale_lo
         else:
             k = tl.load(K + (k0 + cols)[None, :] * s_kt + hk * s_kh + offs_d[:, None])
             v = tl.load(V + (k0 + cols)[:, None] * s_vt + hk * s_vh + offs_d[None, :])
-        s = tl.dot(q, k) * scale_log2
+        s = tl.dot(q, k, input_precision=PREC) * scale_log2
         if MASKED:
             keep = col_ok[None, :]
             if CAUSAL:
@@ -47,7 +48,7 @@ def _fwd_blocks(q, K, V, k0, hk, s_kt, s_kh, s_vt, s_vh, m_i, l_i, acc, scale_lo
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     return m_i, l_i, acc
 
@@ -57,7 +58,7 @@ def _fwd_kernel(
     Q, K, V, O, LSE, CU_Q, CU_K, scale_log2,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, s_lt,
     H: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -81,9 +82,9 @@ def _fwd_kernel(
         hi = tl.minimum(len_k, (pid_m + 1) * BLOCK_M + shift)
         full = tl.minimum(full, tl.maximum(0, (pid_m * BLOCK_M + shift + 1) // BLOCK_N * BLOCK_N))
     m_i, l_i, acc = _fwd_blocks(q, K, V, k0, hk, s_kt, s_kh, s_vt, s_vh, m_i, l_i, acc, scale_log2, 0, full,
-                                len_k, shift, offs_m, offs_n, offs_d, False, CAUSAL, BLOCK_N)
+                                len_k, shift, offs_m, offs_n, offs_d, False, CAUSAL, BLOCK_N, PREC)
     m_i, l_i, acc = _fwd_blocks(q, K, V, k0, hk, s_kt, s_kh, s_vt, s_vh, m_i, l_i, acc, scale_log2, full, hi,
-                                len_k, shift, offs_m, offs_n, offs_d, True, CAUSAL, BLOCK_N)
+                                len_k, shift, offs_m, offs_n, offs_d, True, CAUSAL, BLOCK_N, PREC)
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     # +inf for rows that see no key: backward then recomputes probability 0 for them
@@ -109,7 +110,7 @@ def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, scale_log2, scale,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dt, s_dh, s_lt, s_dkt, s_dkh, s_dvt, s_dvh,
     HK: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, hk = bh // HK, bh % HK
@@ -138,16 +139,16 @@ def _bwd_dkdv_kernel(
             do = tl.load(DO + (q0 + rows)[:, None] * s_dt + h * s_dh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
             lse = tl.load(LSE + (q0 + rows) * s_lt + h, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + (q0 + rows) * s_lt + h, mask=row_ok, other=0.0)
-            s_t = tl.dot(k, tl.trans(q)) * scale_log2  # (N, M)
+            s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * scale_log2  # (N, M)
             p_t = tl.exp2(s_t - lse[None, :])
             keep = col_ok[:, None] & row_ok[None, :]
             if CAUSAL:
                 keep = keep & (rows[None, :] + shift >= offs_n[:, None])
             p_t = tl.where(keep, p_t, 0.0)
-            dv += tl.dot(p_t.to(do.dtype), do)
-            dp_t = tl.dot(v, tl.trans(do))
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
             ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q)
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
     tl.store(DK + (k0 + offs_n)[:, None] * s_dkt + hk * s_dkh + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=col_ok[:, None])
     tl.store(DV + (k0 + offs_n)[:, None] * s_dvt + hk * s_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty),
@@ -159,7 +160,7 @@ def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, scale_log2, scale,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dt, s_dh, s_lt, s_dqt, s_dqh,
     H: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -186,15 +187,15 @@ def _bwd_dq_kernel(
         col_ok = cols < len_k
         k = tl.load(K + (k0 + cols)[:, None] * s_kt + hk * s_kh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         v = tl.load(V + (k0 + cols)[:, None] * s_vt + hk * s_vh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
         p = tl.exp2(s - lse[:, None])
         keep = col_ok[None, :] & row_ok[:, None]
         if CAUSAL:
             keep = keep & (offs_m[:, None] + shift >= cols[None, :])
         p = tl.where(keep, p, 0.0)
-        dp = tl.dot(do, tl.trans(v))
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     tl.store(DQ + (q0 + offs_m)[:, None] * s_dqt + h * s_dqh + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
 
@@ -216,6 +217,11 @@ def _tiles(head_dim: int, kernel: str) -> tuple[int, int, int, int]:
     if INTERPRET:
         return INTERPRET_TILES
     return TILES[head_dim][kernel]
+
+
+def _precision(q: torch.Tensor) -> str:
+    # fp32 inputs (tests, references) get true fp32 products; bf16/fp16 use the tensor cores as they are
+    return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -243,7 +249,7 @@ class _FlashAttnVarlen(torch.autograd.Function):
             q, k, v, o, lse, cu_q, cu_k, scale * LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
             lse.stride(0), H=heads, GROUP=heads // k.shape[1], CAUSAL=causal, D=dim, BLOCK_M=bm, BLOCK_N=bn,
-            num_warps=warps, num_stages=stages,
+            PREC=_precision(q), num_warps=warps, num_stages=stages,
         )
         ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k)
         ctx.meta = (max_q, max_k, causal, scale)
@@ -268,7 +274,7 @@ class _FlashAttnVarlen(torch.autograd.Function):
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             lse.stride(0), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             HK=kv_heads, GROUP=heads // kv_heads, CAUSAL=causal, D=dim, BLOCK_M=bm, BLOCK_N=bn,
-            num_warps=warps, num_stages=stages,
+            PREC=_precision(q), num_warps=warps, num_stages=stages,
         )
         bm, bn, warps, stages = _tiles(dim, "dq")
         _bwd_dq_kernel[(triton.cdiv(max_q, bm), batch * heads)](
@@ -276,7 +282,7 @@ class _FlashAttnVarlen(torch.autograd.Function):
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             lse.stride(0), dq.stride(0), dq.stride(1),
             H=heads, GROUP=heads // kv_heads, CAUSAL=causal, D=dim, BLOCK_M=bm, BLOCK_N=bn,
-            num_warps=warps, num_stages=stages,
+            PREC=_precision(q), num_warps=warps, num_stages=stages,
         )
         return dq, dk, dv, None, None, None, None, None, None
 
