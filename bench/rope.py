@@ -58,10 +58,11 @@ def main() -> int:
     err = max(((oq.float() - tq.transpose(1, 2).float()).norm() / tq.float().norm()).item(),
               ((ok.float() - tk.transpose(1, 2).float()).norm() / tk.float().norm()).item())
 
+    grads = {id(fn): [torch.ones_like(t) for t in fn()] for fn in (ours, transformers_path)}
+
     def both(fn):
-        def run():
-            a, b = fn()
-            torch.autograd.backward((a, b), (torch.ones_like(a), torch.ones_like(b)))
+        def run():  # gradients made once, outside the timed region: their writes are no one's cost
+            torch.autograd.backward(fn(), grads[id(fn)])
         return run
 
     bandwidth = copy_bandwidth()

@@ -200,23 +200,34 @@ def _bwd_dq_kernel(
              mask=row_ok[:, None])
 
 
-# Tile sizes per head dim: (BLOCK_M, BLOCK_N, warps, stages) for forward, and for the two backward kernels.
-# Under the interpreter small tiles keep CPU tests fast; they change speed only, never results.
-_SMALL = {"fwd": (128, 64, 4, 3), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}
-TILES = {
-    16: _SMALL,
-    32: _SMALL,
-    64: _SMALL,
-    128: {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 2), "dq": (64, 64, 8, 2)},
-    256: {"fwd": (64, 32, 8, 2), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1)},
+HEAD_DIMS = (16, 32, 64, 128, 256)
+# (BLOCK_M, BLOCK_N, warps, stages) tried per kernel on GPUs, chosen once per (head dim, causal, group);
+# a tile that does not fit the chip is dropped by the autotuner. BLOCK_M tiles queries, BLOCK_N keys.
+AUTOTUNE = {
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
+    "dkdv": [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (16, 128, 4, 3)],
+    "dq": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
 }
-INTERPRET_TILES = (16, 16, 1, 1)
+# Under the interpreter one small tile keeps CPU tests fast; tiles change speed only, never results.
+INTERPRET_TILE = {"BLOCK_M": 16, "BLOCK_N": 16}
 
 
-def _tiles(head_dim: int, kernel: str) -> tuple[int, int, int, int]:
+def _tuned(name: str, kernel):
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in AUTOTUNE[name]]
+    return triton.autotune(configs, key=["D", "CAUSAL", "GROUP"])(kernel)
+
+
+KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
+TUNED = {name: _tuned(name, kernel) for name, kernel in KERNELS.items()}
+
+
+def _launch(name: str, length: int, tile: str, programs: int, *args, **kwargs) -> None:
+    """One program per `tile`-sized block of `length` (queries or keys) and per sequence x head."""
     if INTERPRET:
-        return INTERPRET_TILES
-    return TILES[head_dim][kernel]
+        grid = (triton.cdiv(length, INTERPRET_TILE[tile]), programs)
+        KERNELS[name][grid](*args, **kwargs, **INTERPRET_TILE, num_warps=1, num_stages=1)
+    else:
+        TUNED[name][lambda meta: (triton.cdiv(length, meta[tile]), programs)](*args, **kwargs)
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -230,8 +241,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads {q.shape[1]} must be a multiple of kv heads {k.shape[1]}")
-    if q.shape[-1] not in TILES:
-        raise ValueError(f"head dim {q.shape[-1]} not supported (supported: {sorted(TILES)})")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"head dim {q.shape[-1]} not supported (supported: {HEAD_DIMS})")
 
 
 class _FlashAttnVarlen(torch.autograd.Function):
@@ -243,13 +254,11 @@ class _FlashAttnVarlen(torch.autograd.Function):
         batch = cu_q.numel() - 1
         o = torch.empty_like(q)
         lse = torch.empty((total, heads), device=q.device, dtype=torch.float32)
-        bm, bn, warps, stages = _tiles(dim, "fwd")
-        grid = (triton.cdiv(max_q, bm), batch * heads)
-        _fwd_kernel[grid](
+        _launch(
+            "fwd", max_q, "BLOCK_M", batch * heads,
             q, k, v, o, lse, cu_q, cu_k, scale * LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-            lse.stride(0), H=heads, GROUP=heads // k.shape[1], CAUSAL=causal, D=dim, BLOCK_M=bm, BLOCK_N=bn,
-            PREC=_precision(q), num_warps=warps, num_stages=stages,
+            lse.stride(0), H=heads, GROUP=heads // k.shape[1], CAUSAL=causal, D=dim, PREC=_precision(q),
         )
         ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k)
         ctx.meta = (max_q, max_k, causal, scale)
@@ -268,21 +277,19 @@ class _FlashAttnVarlen(torch.autograd.Function):
             H=heads, D=dim, BLOCK=64,
         )
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        bm, bn, warps, stages = _tiles(dim, "dkdv")
-        _bwd_dkdv_kernel[(triton.cdiv(max_k, bn), batch * kv_heads)](
+        _launch(
+            "dkdv", max_k, "BLOCK_N", batch * kv_heads,
             q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, scale * LOG2E, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             lse.stride(0), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            HK=kv_heads, GROUP=heads // kv_heads, CAUSAL=causal, D=dim, BLOCK_M=bm, BLOCK_N=bn,
-            PREC=_precision(q), num_warps=warps, num_stages=stages,
+            HK=kv_heads, GROUP=heads // kv_heads, CAUSAL=causal, D=dim, PREC=_precision(q),
         )
-        bm, bn, warps, stages = _tiles(dim, "dq")
-        _bwd_dq_kernel[(triton.cdiv(max_q, bm), batch * heads)](
+        _launch(
+            "dq", max_q, "BLOCK_M", batch * heads,
             q, k, v, do, lse, delta, dq, cu_q, cu_k, scale * LOG2E, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             lse.stride(0), dq.stride(0), dq.stride(1),
-            H=heads, GROUP=heads // kv_heads, CAUSAL=causal, D=dim, BLOCK_M=bm, BLOCK_N=bn,
-            PREC=_precision(q), num_warps=warps, num_stages=stages,
+            H=heads, GROUP=heads // kv_heads, CAUSAL=causal, D=dim, PREC=_precision(q),
         )
         return dq, dk, dv, None, None, None, None, None, None
 
