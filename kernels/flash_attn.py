@@ -106,6 +106,36 @@ def _bwd_delta_kernel(O, DO, DELTA, s_ot, s_oh, s_dt, s_dh, s_lt, total, H: tl.c
 
 
 @triton.jit
+def _dkdv_rows(Q, DO, LSE, DELTA, k, v, dk, dv, q0, h, s_qt, s_qh, s_dt, s_dh, s_lt, scale_log2, lo, hi, len_q, shift,
+               offs_m, offs_n, offs_d, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+               PREC: tl.constexpr):
+    """dk, dv of one key block from query rows [lo, hi); MASKED rows may cross the diagonal or the end.
+    Key columns past the end need no mask: they only feed dk/dv rows that are never stored."""
+    for start in range(lo, hi, BLOCK_M):
+        rows = start + offs_m
+        if MASKED:
+            row_ok = rows < len_q
+            q = tl.load(Q + (q0 + rows)[:, None] * s_qt + h * s_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(DO + (q0 + rows)[:, None] * s_dt + h * s_dh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            lse = tl.load(LSE + (q0 + rows) * s_lt + h, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + (q0 + rows) * s_lt + h, mask=row_ok, other=0.0)
+        else:
+            q = tl.load(Q + (q0 + rows)[:, None] * s_qt + h * s_qh + offs_d[None, :])
+            do = tl.load(DO + (q0 + rows)[:, None] * s_dt + h * s_dh + offs_d[None, :])
+            lse = tl.load(LSE + (q0 + rows) * s_lt + h)
+            delta = tl.load(DELTA + (q0 + rows) * s_lt + h)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * scale_log2  # (N, M)
+        p_t = tl.exp2(s_t - lse[None, :])
+        if MASKED and CAUSAL:
+            p_t = tl.where(rows[None, :] + shift >= offs_n[:, None], p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, scale_log2, scale,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dt, s_dh, s_lt, s_dkt, s_dkh, s_dvt, s_dvh,
@@ -130,29 +160,51 @@ def _bwd_dkdv_kernel(
     lo = 0
     if CAUSAL:  # queries before this key block's first key minus the shift see none of it
         lo = tl.maximum(0, (pid_n * BLOCK_N - shift) // BLOCK_M * BLOCK_M)
+    # rows [lo, diag) may cross the diagonal; [diag, full) see the whole key block; [full, len_q) run past the end
+    diag = lo
+    if CAUSAL:
+        diag = tl.minimum(len_q, lo + tl.maximum(0, pid_n * BLOCK_N + BLOCK_N - 1 - shift - lo + BLOCK_M - 1)
+                          // BLOCK_M * BLOCK_M)
+    full = tl.maximum(diag, len_q // BLOCK_M * BLOCK_M)
     for g in range(GROUP):  # the query heads that read this k/v head
         h = hk * GROUP + g
-        for start in range(lo, len_q, BLOCK_M):
-            rows = start + offs_m
-            row_ok = rows < len_q
-            q = tl.load(Q + (q0 + rows)[:, None] * s_qt + h * s_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(DO + (q0 + rows)[:, None] * s_dt + h * s_dh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            lse = tl.load(LSE + (q0 + rows) * s_lt + h, mask=row_ok, other=float("inf"))
-            delta = tl.load(DELTA + (q0 + rows) * s_lt + h, mask=row_ok, other=0.0)
-            s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * scale_log2  # (N, M)
-            p_t = tl.exp2(s_t - lse[None, :])
-            keep = col_ok[:, None] & row_ok[None, :]
-            if CAUSAL:
-                keep = keep & (rows[None, :] + shift >= offs_n[:, None])
-            p_t = tl.where(keep, p_t, 0.0)
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
+        dk, dv = _dkdv_rows(Q, DO, LSE, DELTA, k, v, dk, dv, q0, h, s_qt, s_qh, s_dt, s_dh, s_lt, scale_log2,
+                            lo, diag, len_q, shift, offs_m, offs_n, offs_d, True, CAUSAL, BLOCK_M, PREC)
+        dk, dv = _dkdv_rows(Q, DO, LSE, DELTA, k, v, dk, dv, q0, h, s_qt, s_qh, s_dt, s_dh, s_lt, scale_log2,
+                            diag, full, len_q, shift, offs_m, offs_n, offs_d, False, CAUSAL, BLOCK_M, PREC)
+        dk, dv = _dkdv_rows(Q, DO, LSE, DELTA, k, v, dk, dv, q0, h, s_qt, s_qh, s_dt, s_dh, s_lt, scale_log2,
+                            full, len_q, len_q, shift, offs_m, offs_n, offs_d, True, CAUSAL, BLOCK_M, PREC)
     tl.store(DK + (k0 + offs_n)[:, None] * s_dkt + hk * s_dkh + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=col_ok[:, None])
     tl.store(DV + (k0 + offs_n)[:, None] * s_dvt + hk * s_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty),
              mask=col_ok[:, None])
+
+
+@triton.jit
+def _dq_blocks(K, V, q, do, lse, delta, dq, k0, hk, s_kt, s_kh, s_vt, s_vh, scale_log2, lo, hi, len_k, shift,
+               offs_m, offs_n, offs_d, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+               PREC: tl.constexpr):
+    """dq of one query tile from key blocks [lo, hi); rows past the end carry lse = +inf, so p = 0 there."""
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + offs_n
+        if MASKED:
+            col_ok = cols < len_k
+            k = tl.load(K + (k0 + cols)[:, None] * s_kt + hk * s_kh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(V + (k0 + cols)[:, None] * s_vt + hk * s_vh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        else:
+            k = tl.load(K + (k0 + cols)[:, None] * s_kt + hk * s_kh + offs_d[None, :])
+            v = tl.load(V + (k0 + cols)[:, None] * s_vt + hk * s_vh + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+        p = tl.exp2(s - lse[:, None])
+        if MASKED:
+            keep = col_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] + shift >= cols[None, :])
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    return dq
 
 
 @triton.jit
@@ -180,22 +232,14 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     shift = len_k - len_q
     hi = len_k
+    full = len_k // BLOCK_N * BLOCK_N  # key blocks every row of this tile sees whole
     if CAUSAL:
         hi = tl.minimum(len_k, (pid_m + 1) * BLOCK_M + shift)
-    for start in range(0, hi, BLOCK_N):
-        cols = start + offs_n
-        col_ok = cols < len_k
-        k = tl.load(K + (k0 + cols)[:, None] * s_kt + hk * s_kh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + (k0 + cols)[:, None] * s_vt + hk * s_vh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-        p = tl.exp2(s - lse[:, None])
-        keep = col_ok[None, :] & row_ok[:, None]
-        if CAUSAL:
-            keep = keep & (offs_m[:, None] + shift >= cols[None, :])
-        p = tl.where(keep, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        full = tl.minimum(full, tl.maximum(0, (pid_m * BLOCK_M + shift + 1) // BLOCK_N * BLOCK_N))
+    dq = _dq_blocks(K, V, q, do, lse, delta, dq, k0, hk, s_kt, s_kh, s_vt, s_vh, scale_log2, 0, full, len_k, shift,
+                    offs_m, offs_n, offs_d, False, CAUSAL, BLOCK_N, PREC)
+    dq = _dq_blocks(K, V, q, do, lse, delta, dq, k0, hk, s_kt, s_kh, s_vt, s_vh, scale_log2, full, hi, len_k, shift,
+                    offs_m, offs_n, offs_d, True, CAUSAL, BLOCK_N, PREC)
     tl.store(DQ + (q0 + offs_m)[:, None] * s_dqt + h * s_dqh + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
 
