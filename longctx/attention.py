@@ -165,7 +165,7 @@ def no_mask(*args, attention_mask=None, **kwargs) -> None:
     return None
 
 
-def attention_implementation(backend: str, device: torch.device | None = None) -> str:
+def attention_implementation(backend: str) -> str:
     """Register `longctx_<backend>` with transformers and return the name for set_attn_implementation."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface

@@ -95,8 +95,8 @@ class TrainSection:
     grad_accum: int = _f(1, "micro-batches per optimizer step", min=1)
     grad_clip: float = _f(1.0, "gradient norm clip; 0 = off", min=0.0)
     loss_chunk_tokens: int = _f(4096, "tokens per chunk of the output projection + loss", min=1)
-    checkpointing: str = _f("auto", "activation checkpointing per decoder layer",
-                            choices=["auto", "none", "full", "offload"])
+    checkpointing: str = _f("auto", "activation checkpointing per decoder layer (auto = full)",
+                            choices=["auto", "none", "full"])
     export: bool = _f(True, "write <out_dir>/hf (merged) and <out_dir>/adapter at the end")
 
 

@@ -78,10 +78,10 @@ def add_lora(model: torch.nn.Module, section: LoraSection) -> torch.nn.Module:
     return get_peft_model(model, lora_config(section))
 
 
-def patch_model(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> list[str]:
+def patch_model(model: torch.nn.Module, recipe: Recipe) -> list[str]:
     """Apply attention and checkpointing choices; returns a line per change for the run log."""
     changes = []
-    attn = attention_implementation(recipe.attention.backend, device)
+    attn = attention_implementation(recipe.attention.backend)
     model.set_attn_implementation(attn)
     changes.append(f"attention: {attn}")
     if checkpoint_policy(recipe) == "full":
@@ -100,7 +100,7 @@ def load_model(recipe: Recipe, device: torch.device) -> tuple[torch.nn.Module, d
     dtype = resolve_dtype(recipe.model.dtype, device)
     config, rope_record = scaled_config(recipe)
     model = build_model(recipe, config, dtype)
-    changes = patch_model(model, recipe, device)
+    changes = patch_model(model, recipe)
     if recipe.lora.enabled:
         model = add_lora(model, recipe.lora)
         changes.append(f"lora: r={recipe.lora.r} alpha={recipe.lora.alpha} on {','.join(recipe.lora.targets)}")
