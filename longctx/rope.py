@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 METHODS = ("linear", "ntk", "dynamic", "yarn", "llama3", "longrope", "theta")
 # Parameters each method accepts beyond `factor`; anything else set for it is an error.
@@ -26,6 +29,9 @@ METHOD_PARAMS = {
     "longrope": ("short_factor", "long_factor", "attention_factor"),
     "theta": ("theta",),
 }
+# RopeSection fields passed to scale_config when set
+RECIPE_PARAMS = ("factor", "theta", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor",
+                 "truncate", "low_freq_factor", "high_freq_factor", "short_factor", "long_factor")
 LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
 
 
@@ -45,15 +51,20 @@ def rope_parameters(config) -> dict[str, Any]:
 
 
 def rotary_dim(config, params: dict[str, Any] | None = None) -> int:
+    """Dimensions of a head that rotate: head_dim, or its first `partial_rotary_factor` fraction."""
     params = rope_parameters(config) if params is None else params
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return int(head_dim * params.get("partial_rotary_factor", 1.0))
 
 
 def original_context(config, params: dict[str, Any] | None = None) -> int:
-    """The context the model was pre-trained on, before any scaling."""
+    """The context the model was pre-trained on, before any scaling.
+
+    A config attribute `original_max_position_embeddings` (Phi-3 style) wins over the value in
+    `rope_parameters`, as transformers' `standardize_rope_params` decides.
+    """
     params = rope_parameters(config) if params is None else params
-    return int(params.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", 0)
+    return int(getattr(config, "original_max_position_embeddings", None) or params.get("original_max_position_embeddings")
                or config.max_position_embeddings)
 
 
@@ -162,13 +173,22 @@ def auto_method(config) -> str:
     return {"default": "yarn", "linear": "linear", "dynamic": "dynamic", "yarn": "yarn", "llama3": "llama3"}.get(kind, kind)
 
 
-def scale_config(config, target_length: int, method: str = "auto", **params: Any):
+def _accepted(method: str) -> set[str]:
+    return set(METHOD_PARAMS[method]) | ({"factor"} if method != "theta" else set())
+
+
+def _short(value: Any) -> str:
+    return f"[{len(value)} values]" if isinstance(value, (list, tuple)) else str(value)
+
+
+def scale_config(config, target_length: int, method: str = "auto", **params: Any) -> PretrainedConfig:
     """A copy of `config` whose RoPE reaches `target_length` with `method`; the original is untouched.
 
     A config that already carries a scaling is composed only where the result is the same
     method with a larger factor over the same original context (llama3, yarn, linear,
     dynamic), or a base change (`theta`, `ntk`) under the existing scaling; any other mix is
-    refused, never silently replaced.
+    refused, never silently replaced. A linear scaling is composed against the config's
+    `max_position_embeddings`, taken as the context it already reaches (what we write).
     """
     params = {k: v for k, v in params.items() if v is not None}
     current = rope_parameters(config)
@@ -176,10 +196,13 @@ def scale_config(config, target_length: int, method: str = "auto", **params: Any
     method = auto_method(config) if method == "auto" else method
     if method not in METHODS:
         raise RopeError(f"rope.method={method}: must be one of auto|{'|'.join(METHODS)}")
-    allowed = set(METHOD_PARAMS[method]) | ({"factor"} if method != "theta" else set())
-    for key in params:
-        if key not in allowed:
-            raise RopeError(f"rope.{key}: does not apply to rope.method={method} (its parameters: {sorted(allowed) or 'none'})")
+    for key, value in params.items():
+        if key not in _accepted(method):
+            takers = [m for m in METHODS if key in _accepted(m)]
+            where = f"only applies to rope.method={'|'.join(takers)}" if takers else "is not a RoPE parameter"
+            raise RopeError(f"rope.{key}={_short(value)}: {where}, not rope.method={method}")
+    if params.get("factor", 1) < 1:
+        raise RopeError(f"rope.factor={params['factor']}: must be >= 1 (a factor stretches the context)")
     if "longrope" in (kind, method) and kind != "default":
         raise RopeError(f"rope.method={method}: the model uses {kind} scaling; longrope factors are searched per model "
                         f"and cannot be composed with another scaling")
@@ -194,16 +217,21 @@ def scale_config(config, target_length: int, method: str = "auto", **params: Any
     dim = rotary_dim(config, current)
     if method == "theta":
         if "theta" not in params:
-            raise RopeError("rope.theta: required by rope.method=theta (the new base frequency)")
+            raise RopeError("rope.method=theta: needs rope.theta, the new base frequency")
         new["rope_theta"] = float(params["theta"])
     elif method == "ntk":
         # NTK-aware: base * factor^(d/(d-2)), the base dynamic NTK (factor 1) reaches at factor x the context
         factor = float(params.get("factor") or target_length / config.max_position_embeddings)
         new["rope_theta"] = current["rope_theta"] * factor ** (dim / (dim - 2))
     else:
-        factor = float(params.pop("factor", None) or target_length / original)
+        factor = params.pop("factor", None)
+        if factor is None and method == kind == "linear":
+            # linear keeps no original context: stretch what the model reaches now by target / reach
+            factor = current["factor"] * target_length / config.max_position_embeddings
+        factor = float(factor or target_length / original)
         if factor < 1:
-            raise RopeError(f"rope.factor={factor}: must be >= 1 (target {target_length} < original context {original})")
+            raise RopeError(f"rope.target_length={target_length}: below the original context {original} "
+                            f"(factor {factor:.3g} < 1)")
         new.update(rope_type=method, factor=factor)
         if method in ("yarn", "llama3", "longrope"):
             new["original_max_position_embeddings"] = original
@@ -215,7 +243,8 @@ def scale_config(config, target_length: int, method: str = "auto", **params: Any
             for key in ("short_factor", "long_factor"):
                 values = params.get(key)
                 if values is None or len(values) != half:
-                    raise RopeError(f"rope.{key}: longrope needs a list of {half} factors (rotary_dim / 2)")
+                    raise RopeError(f"rope.{key}={_short(values)}: rope.method=longrope needs a list of {half} "
+                                    f"factors (rotary_dim / 2)")
         new.update(params)
     scaled = copy.deepcopy(config)
     scaled.rope_parameters = new
@@ -225,16 +254,24 @@ def scale_config(config, target_length: int, method: str = "auto", **params: Any
     return scaled
 
 
-def scale_from_recipe(config, section, default_target: int):
-    """Apply the recipe's `rope` section; returns (config, record of the effective values)."""
-    from longctx.config import ConfigError
+def scale_from_recipe(config, section, default_target: int) -> tuple[PretrainedConfig, dict[str, Any]]:
+    """Apply the recipe's `rope` section (a `longctx.config.RopeSection`).
+
+    Returns the scaled config and a plain record of the effective values for the run
+    directory. `method: none` leaves the config as it is; `auto` with nothing set and a target
+    the model already reaches does too. Errors are `ConfigError`s naming the recipe key.
+    """
+    from longctx.config import ConfigError  # lazily: the config schema needs omegaconf, the math does not
 
     target = section.target_length or default_target
-    keys = ("factor", "theta", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor",
-            "truncate", "low_freq_factor", "high_freq_factor", "short_factor", "long_factor")
-    params = {k: getattr(section, k) for k in keys if getattr(section, k) is not None}
+    params = {k: getattr(section, k) for k in RECIPE_PARAMS if getattr(section, k) is not None}
     before = describe(config)
-    if section.method == "auto" and not params and target <= config.max_position_embeddings:
+    if section.method == "none":
+        if params:
+            raise ConfigError(f"rope.{next(iter(params))}={_short(next(iter(params.values())))}: "
+                              f"set but rope.method=none; choose a method")
+        scaled = config
+    elif section.method == "auto" and not params and target <= config.max_position_embeddings:
         scaled = config  # the model already reaches the target
     else:
         try:
@@ -242,13 +279,21 @@ def scale_from_recipe(config, section, default_target: int):
         except RopeError as e:
             raise ConfigError(str(e)) from None
     after = describe(scaled)
-    record = {
-        "method": section.method if section.method != "auto" else f"auto -> {after['rope_type']}",
-        "target_length": target,
+    method = section.method if section.method != "auto" else f"auto -> {_method_name(scaled, config)}"
+    return scaled, {
+        "method": method,
+        "factor": after["rope_parameters"].get("factor"),
         "original_context": before["original_context"],
+        "target_length": target,
         "before": before["rope_parameters"],
         "rope_parameters": after["rope_parameters"],
         "max_position_embeddings": after["max_position_embeddings"],
         "attention_factor": after["attention_factor"],
     }
-    return scaled, record
+
+
+def _method_name(scaled, original) -> str:
+    """What `auto` did, in recipe terms."""
+    if scaled is original:
+        return "none (the model already reaches the target)"
+    return rope_parameters(scaled)["rope_type"]

@@ -14,12 +14,17 @@ import shutil
 import sys
 from pathlib import Path
 
+from transformers import PretrainedConfig
+
 from longctx import rope
 from longctx.cli import ArgParser
 from longctx.config import ConfigError
 
 PARAM_FLAGS = ("factor", "theta", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor",
                "low_freq_factor", "high_freq_factor")
+LIST_FLAGS = ("short_factor", "long_factor")
+# recipe keys in rope's messages whose flag has another name
+FLAG_NAMES = {"target_length": "target"}
 
 
 def parse_length(text: str) -> int:
@@ -30,6 +35,19 @@ def parse_length(text: str) -> int:
         return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a length (e.g. 32768, 32k, 1m)") from None
+
+
+def parse_floats(text: str) -> list[float]:
+    """`1.0,1.5,2` -> [1.0, 1.5, 2.0] (longrope's per-dimension factors)."""
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def as_flags(message: str) -> str:
+    """A rope message in recipe terms (`rope.beta_fast`) in this command's terms (`--beta-fast`)."""
+    return re.sub(r"rope\.(\w+)", lambda m: "--" + FLAG_NAMES.get(m.group(1), m.group(1)).replace("_", "-"), message)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,19 +65,28 @@ def parser() -> argparse.ArgumentParser:
     scale.add_argument("--no-truncate", dest="truncate", action="store_false", default=None, help="yarn: no truncation")
     for name in PARAM_FLAGS:
         scale.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float)
+    for name in LIST_FLAGS:
+        scale.add_argument(f"--{name.replace('_', '-')}", dest=name, type=parse_floats, help="longrope: 1.0,1.1,...")
     return p
 
 
-def load_config(model_dir: str):
+def load_config(model_dir: str) -> PretrainedConfig:
     from transformers import AutoConfig
 
     if not (Path(model_dir) / "config.json").is_file():
         raise ConfigError(f"model_dir={model_dir!r}: not a directory with a config.json")
-    return AutoConfig.from_pretrained(model_dir)
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"model_dir={model_dir!r}: transformers cannot read its config.json "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
-def show(args) -> int:
-    info = rope.describe(load_config(args.model_dir))
+def show(args: argparse.Namespace) -> int:
+    try:
+        info = rope.describe(load_config(args.model_dir))
+    except rope.RopeError as e:
+        raise ConfigError(f"model_dir={args.model_dir!r}: {e}") from None
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -79,17 +106,16 @@ def show(args) -> int:
     return 0
 
 
-def scale(args) -> int:
+def scale(args: argparse.Namespace) -> int:
     config = load_config(args.model_dir)
     out = Path(args.out)
     if out.exists():
         raise ConfigError(f"--out {out}: already exists; choose a new directory")
-    params = {k: getattr(args, k) for k in PARAM_FLAGS + ("truncate",)}
+    params = {k: getattr(args, k) for k in PARAM_FLAGS + LIST_FLAGS + ("truncate",)}
     try:
         scaled = rope.scale_config(config, args.target, args.method, **params)
     except rope.RopeError as e:
-        flags = re.sub(r"rope\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e))
-        raise ConfigError(flags) from None
+        raise ConfigError(as_flags(str(e))) from None
     out.mkdir(parents=True)
     for item in Path(args.model_dir).iterdir():
         if item.name == "config.json" or item.is_dir():

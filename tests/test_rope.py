@@ -1,5 +1,6 @@
 """Every RoPE method equals transformers' own definition; scaled configs round-trip through vanilla transformers."""
 
+import json
 import math
 import random
 
@@ -112,14 +113,36 @@ def test_existing_llama3_scaling_is_composed_not_replaced():
         rope.scale_config(config, 524288, "longrope", short_factor=[1.0] * 64, long_factor=[2.0] * 64)
 
 
+def test_existing_yarn_and_linear_scalings_are_extended_over_the_original_context():
+    qwen = Qwen2Config(hidden_size=128, num_attention_heads=2, max_position_embeddings=32768,
+                       rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "beta_fast": 16.0,
+                                        "original_max_position_embeddings": 32768})
+    scaled = rope.scale_config(qwen, 262144, "auto")
+    p = scaled.rope_parameters
+    assert p["rope_type"] == "yarn" and p["factor"] == 8.0 and p["beta_fast"] == 16.0
+    assert_same(scaled)
+    # linear records no original context: twice, then 4x further, is 8x in all
+    base = next(base_configs())
+    twice = rope.scale_config(base, 8192, "linear")
+    eight = rope.scale_config(twice, 32768, "auto")
+    assert eight.rope_parameters["factor"] == 8.0 and eight.max_position_embeddings == 32768
+    torch.testing.assert_close(rope.inv_freq(eight)[0], rope.inv_freq(base)[0] / 8)
+
+
 def test_parameters_that_do_not_apply_are_refused():
     config = next(base_configs())
-    with pytest.raises(rope.RopeError, match="rope.beta_fast: does not apply to rope.method=llama3"):
+    with pytest.raises(rope.RopeError, match="rope.beta_fast=32: only applies to rope.method=yarn, not rope.method=llama3"):
         rope.scale_config(config, 16384, "llama3", beta_fast=32)
-    with pytest.raises(rope.RopeError, match="rope.theta: required"):
+    with pytest.raises(rope.RopeError, match=r"rope.attention_factor=1.1: only applies to rope.method=yarn\|longrope"):
+        rope.scale_config(config, 16384, "linear", attention_factor=1.1)
+    with pytest.raises(rope.RopeError, match="rope.method=theta: needs rope.theta"):
         rope.scale_config(config, 16384, "theta")
-    with pytest.raises(rope.RopeError, match="rope.short_factor: longrope needs a list of 32"):
+    with pytest.raises(rope.RopeError, match=r"rope.short_factor=\[1 values\]: rope.method=longrope needs a list of 32"):
         rope.scale_config(config, 16384, "longrope", short_factor=[1.0], long_factor=[1.0])
+    with pytest.raises(rope.RopeError, match="rope.target_length=1024: below the original context 4096"):
+        rope.scale_config(config, 1024, "yarn")
+    with pytest.raises(rope.RopeError, match="rope.factor=0.5: must be >= 1"):
+        rope.scale_config(config, 16384, "ntk", factor=0.5)
 
 
 def test_auto_picks_yarn_for_an_unscaled_model_and_records_it():
@@ -130,8 +153,25 @@ def test_auto_picks_yarn_for_an_unscaled_model_and_records_it():
     assert record["attention_factor"] == pytest.approx(0.1 * math.log(8) + 1)
     same, record = rope.scale_from_recipe(config, RopeSection(method="auto"), default_target=2048)
     assert same is config and record["rope_parameters"]["rope_type"] == "default"
-    with pytest.raises(ConfigError, match="rope.low_freq_factor: does not apply"):
+    with pytest.raises(ConfigError, match="rope.low_freq_factor=2.0: only applies to rope.method=llama3"):
         rope.scale_from_recipe(config, RopeSection(method="yarn", low_freq_factor=2.0), default_target=32768)
+
+
+def test_method_none_leaves_the_config_alone_and_refuses_parameters():
+    config = next(base_configs())
+    same, record = rope.scale_from_recipe(config, RopeSection(method="none"), default_target=32768)
+    assert same is config and record["method"] == "none" and record["rope_parameters"]["rope_type"] == "default"
+    with pytest.raises(ConfigError, match="rope.beta_fast=8.0: set but rope.method=none"):
+        rope.scale_from_recipe(config, RopeSection(method="none", beta_fast=8.0), default_target=32768)
+
+
+def test_recipe_record_carries_the_effective_values():
+    config = llama31()
+    scaled, record = rope.scale_from_recipe(config, RopeSection(method="auto", target_length=262144), default_target=8)
+    assert record["method"] == "auto -> llama3" and record["factor"] == 32.0 and record["target_length"] == 262144
+    assert record["original_context"] == 8192 and record["before"]["factor"] == 8.0
+    assert record["rope_parameters"] == scaled.rope_parameters and record["max_position_embeddings"] == 262144
+    assert json.loads(json.dumps(record)) == record  # plain data for the run directory
 
 
 def test_yarn_x4_export_reproduces_inv_freq_in_vanilla_transformers(tmp_path):

@@ -35,7 +35,10 @@ def test_scale_writes_a_copy_with_the_scaling_and_linked_files(tiny_model_dir, t
     "args, message",
     [
         (["--target", "lots"], "argument --target: 'lots' is not a length"),
-        (["--target", "1k", "--method", "llama3", "--beta-fast", "3"], "--beta-fast: does not apply to --method=llama3"),
+        (["--target", "1k", "--method", "llama3", "--beta-fast", "3"],
+         "--beta-fast=3.0: only applies to --method=yarn, not --method=llama3"),
+        (["--target", "128"], "--target=128: below the original context 256"),
+        (["--target", "1k", "--method", "longrope", "--short-factor", "1,x"], "'1,x' is not a comma-separated list"),
         (["--target", "1k", "--method", "magic"], "argument --method: invalid choice: 'magic'"),
     ],
 )
@@ -45,4 +48,22 @@ def test_bad_arguments_exit_2_with_one_line_and_write_nothing(demo_dir, tmp_path
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_scale_takes_longrope_factor_lists(tiny_model_dir, tmp_path):
+    from transformers import AutoConfig
+
+    half = rope.rotary_dim(AutoConfig.from_pretrained(tiny_model_dir)) // 2
+    short, long = ",".join(["1.0"] * half), ",".join(["4.0"] * half)
+    out = tmp_path / "longrope"
+    assert main(["rope", "scale", str(tiny_model_dir), "--target", "1k", "--method", "longrope",
+                 "--short-factor", short, "--long-factor", long, "--out", str(out)]) == 0
+    config = AutoConfig.from_pretrained(out)
+    assert config.rope_parameters["long_factor"] == [4.0] * half
+    assert rope.inv_freq(config, seq_len=1024)[0].allclose(rope.inv_freq(config)[0] / 4)
+
+
+def test_show_refuses_a_directory_without_a_config(tmp_path, capsys):
+    assert main(["rope", "show", str(tmp_path)]) == 2
+    assert "not a directory with a config.json" in capsys.readouterr().err
 
