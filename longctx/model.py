@@ -84,6 +84,13 @@ def patch_model(model: torch.nn.Module, recipe: Recipe) -> list[str]:
     attn = attention_implementation(recipe.attention.backend)
     model.set_attn_implementation(attn)
     changes.append(f"attention: {attn}")
+    if torch.cuda.is_available():  # the kernel needs a GPU; CPU runs keep transformers' rotary path
+        from longctx.kernels.rope import use_fused_rope
+
+        try:
+            changes += use_fused_rope(model).changes
+        except ValueError as e:  # a model family the patch does not know: said in the run log, not hidden
+            changes.append(f"rope: transformers' rotary path ({e})")
     if checkpoint_policy(recipe) == "full":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         changes.append("activation checkpointing: every decoder layer")

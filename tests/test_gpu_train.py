@@ -26,6 +26,8 @@ def test_bf16_run_on_one_gpu_trains_checkpoints_and_exports(tmp_path):
     assert len(rows) == 12 and rows[-1]["loss"] < rows[0]["loss"]
     assert 0 < rows[-1]["peak_mem_gib"] < 10
     assert json.loads((out / "ds_config.json").read_text())["bf16"]["enabled"] is True
+    changes = json.loads((out / "run.json").read_text())["changes"]
+    assert any("fused Triton kernel" in c for c in changes) and "attention: longctx_auto" in changes
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out / "hf")
