@@ -1,9 +1,10 @@
 """Splitting documents for long-context work, and ordering passages so the important ones are not lost.
 
 Fixed windows cut a token sequence into `window`-token pieces, consecutive pieces sharing
-exactly `overlap` tokens. Semantic chunks cut at paragraph boundaries (blank lines), merging
-paragraphs up to `max_tokens`; a paragraph longer than that is cut at token boundaries.
-Both work on the whole document's tokenisation, so no chunk ever splits a token.
+exactly `overlap` tokens. Semantic chunks cut at section starts (markdown headings) and
+paragraph ends (blank lines), merging paragraphs up to `max_tokens`; a paragraph longer than
+that is cut at token boundaries. A heading is never left at the end of a chunk, apart from
+its section. Both work on the whole document's tokenisation, so no chunk ever splits a token.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import sys
 from pathlib import Path
 
 STRATEGIES = ("none", "first-last", "reverse")
+HEADING = re.compile(r"^#{1,6} ", re.MULTILINE)
+PARAGRAPH_END = re.compile(r"\n[ \t]*\n\s*")
 
 
 def fixed_windows(n_tokens: int, window: int, overlap: int = 0) -> list[tuple[int, int]]:
@@ -30,23 +33,56 @@ def fixed_windows(n_tokens: int, window: int, overlap: int = 0) -> list[tuple[in
         start = end - overlap
 
 
-def semantic_chunks(text: str, tokenizer, max_tokens: int) -> list[str]:
-    """Chunks of at most `max_tokens` tokens of the whole text's tokenisation, cut at the last paragraph
-    end (blank line) that fits, else after exactly `max_tokens` tokens; every cut falls between two
-    tokens of the whole text, and the chunks joined give the text back."""
-    starts = [a for a, _ in tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
-    n = len(starts)
-    # token index at which each paragraph end falls (a cut there is a cut between tokens)
-    paragraph_cuts = sorted({bisect.bisect_left(starts, m.end()) for m in re.finditer(r"\n\n", text)} | {n})
+def token_starts(text: str, tokenizer) -> list[int]:
+    """Character offset where each token of the whole text's tokenisation starts."""
+    return [a for a, _ in tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
 
-    def char(i: int) -> int:
-        return 0 if i == 0 else (len(text) if i >= n else starts[i])
+
+def char_offset(starts: list[int], text: str, i: int) -> int:
+    """Where token boundary i falls in the text: 0 before the first token, the end after the last."""
+    return 0 if i == 0 else (len(text) if i >= len(starts) else starts[i])
+
+
+def _token_at(starts: list[int], pos: int) -> int:
+    """Index of the token that holds character `pos`: a cut before it moves no text of `pos`'s token back.
+    Byte-level tokens of one character share its offset; the first of them is taken."""
+    i = bisect.bisect_right(starts, pos) - 1
+    while i > 0 and starts[i - 1] == starts[i]:
+        i -= 1
+    return max(i, 0)
+
+
+def boundary_cuts(text: str, starts: list[int]) -> tuple[set[int], set[int]]:
+    """(section starts, paragraph ends) as token indices where a chunk may begin."""
+    sections = {_token_at(starts, m.start()) for m in HEADING.finditer(text) if m.start() > 0}
+    paragraphs = set()
+    for m in PARAGRAPH_END.finditer(text):
+        last_line = text[:m.start()].rsplit("\n", 1)[-1]
+        if m.end() < len(text) and not HEADING.match(last_line):  # a heading stays with its section's body
+            paragraphs.add(_token_at(starts, m.end()))
+    return sections, paragraphs
+
+
+def semantic_chunks(text: str, tokenizer, max_tokens: int) -> list[str]:
+    """Chunks of at most `max_tokens` tokens of the whole text's tokenisation, joined they give the text back.
+
+    Each chunk ends at the last section start that fits if one lies in the second half of the cap
+    (a chunk should hold whole sections), else at the last paragraph end that fits, else after
+    exactly `max_tokens` tokens. Every cut falls between two tokens of the whole text."""
+    starts = token_starts(text, tokenizer)
+    n = len(starts)
+    sections, paragraphs = boundary_cuts(text, starts)
 
     chunks, begin = [], 0
     while begin < n:
-        fits = [c for c in paragraph_cuts if begin < c <= begin + max_tokens]
-        end = fits[-1] if fits else begin + max_tokens
-        chunks.append(text[char(begin):char(end)])
+        limit = begin + max_tokens
+        if limit >= n:
+            end = n
+        else:
+            late_sections = [c for c in sections if begin + max_tokens // 2 <= c <= limit and c > begin]
+            fitting = [c for c in sections | paragraphs if begin < c <= limit]
+            end = max(late_sections or fitting or [limit])
+        chunks.append(text[char_offset(starts, text, begin):char_offset(starts, text, end)])
         begin = end
     return chunks
 
@@ -65,31 +101,33 @@ def reorder(ranked: list, strategy: str) -> list:
 
 def main(argv: list[str]) -> int:
     """`longctx chunk FILE --tokenizer DIR (--window N [--overlap M] | --semantic MAX) [--out F.jsonl]`"""
-    from transformers import AutoTokenizer
-
     from longctx.cli import ArgParser
     from longctx.config import ConfigError
+    from longctx.token_count import load_tokenizer
 
     p = ArgParser(prog="longctx chunk", description="split a text file into token windows or semantic chunks")
     p.add_argument("file")
     p.add_argument("--tokenizer", required=True)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--window", type=int, help="fixed windows of this many tokens")
-    mode.add_argument("--semantic", type=int, metavar="MAX_TOKENS", help="paragraph-aligned chunks up to MAX_TOKENS")
+    mode.add_argument("--semantic", type=int, metavar="MAX_TOKENS",
+                      help="chunks of up to MAX_TOKENS cut at section starts or paragraph ends")
     p.add_argument("--overlap", type=int, default=0)
     p.add_argument("--out", help="jsonl output (default: stdout)")
     args = p.parse_args(argv)
     if not Path(args.file).is_file():
         raise ConfigError(f"file={args.file}: no such file")
     text = Path(args.file).read_text(encoding="utf-8", errors="replace")
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer)
     if args.window is not None:
+        starts = token_starts(text, tokenizer)
         try:
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            spans = fixed_windows(len(ids), args.window, args.overlap)
+            spans = fixed_windows(len(starts), args.window, args.overlap)
         except ValueError as e:
             raise ConfigError(f"--window/--overlap: {e}") from None
-        rows = [{"start": s, "end": e, "text": tokenizer.decode(ids[s:e])} for s, e in spans]
+        # the text between token boundaries, not a decode: byte tokens cut inside a character decode to junk
+        rows = [{"start": s, "end": e, "text": text[char_offset(starts, text, s):char_offset(starts, text, e)]}
+                for s, e in spans]
     else:
         if args.semantic < 1:
             raise ConfigError(f"--semantic={args.semantic}: must be >= 1")

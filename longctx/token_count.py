@@ -5,27 +5,40 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tqdm import tqdm
+
 from longctx.cli import ArgParser
 from longctx.config import ConfigError, DataSection
 
 
-def count_documents(path: str, tokenizer) -> list[dict]:
-    """Tokens of every document (its text, or prompt + completion, or chat messages)."""
+def load_tokenizer(path: str, key: str = "--tokenizer"):
+    """A tokenizer from a local directory, or a one-line error naming the argument."""
+    from transformers import AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise ConfigError(f"{key} {path}: not a directory (tokenizers load from local model directories)")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key} {path}: no tokenizer there ({str(e).splitlines()[0]})") from None
+
+
+def count_documents(path: str, tokenizer) -> list[int]:
+    """Tokens of every document as training sees it (text, prompt + completion, or chat; bos/eos included)."""
     from longctx.data import load_documents, record_format, tokenize_record
 
     ds = load_documents(DataSection(path=path), seed=0)
     fmt = record_format(ds.column_names, path)
-    return [{"document": i, "tokens": len(tokenize_record(r, tokenizer, fmt)["input_ids"])} for i, r in enumerate(ds)]
+    return [len(tokenize_record(r, tokenizer, fmt)["input_ids"]) for r in tqdm(ds, desc=Path(path).name, leave=False)]
 
 
 def summarize(counts: list[int], lengths: list[int]) -> dict:
+    """Totals, and how many documents are longer than each length (they would be cut or need that context)."""
     return {"documents": len(counts), "tokens": sum(counts), "max": max(counts, default=0),
             "longer_than": {str(n): sum(c > n for c in counts) for n in lengths}}
 
 
 def main(argv: list[str]) -> int:
-    from transformers import AutoTokenizer
-
     from longctx.data import data_files
     from longctx.evaluation.common import parse_lengths
 
@@ -38,10 +51,12 @@ def main(argv: list[str]) -> int:
     if not Path(args.path).exists():
         raise ConfigError(f"path={args.path}: no such file or directory")
     lengths = parse_lengths(args.lengths)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    per_file = {}
-    for f in data_files(args.path)[1]:
-        per_file[f] = [r["tokens"] for r in count_documents(f, tokenizer)]
+    tokenizer = load_tokenizer(args.tokenizer)
+    try:
+        files = data_files(args.path)[1]
+    except ConfigError as e:
+        raise ConfigError(f"path={args.path}: {str(e).partition(': ')[2]}") from None
+    per_file = {f: count_documents(f, tokenizer) for f in files}
     everything = [c for counts in per_file.values() for c in counts]
     report = {"files": {f: summarize(c, lengths) for f, c in per_file.items()}, "total": summarize(everything, lengths)}
     if args.json:

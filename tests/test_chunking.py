@@ -1,11 +1,11 @@
-"""Chunking keeps every token once (or exactly the overlap twice); semantic chunks respect paragraphs and tokens."""
+"""Chunking keeps every token once (or the overlap twice); semantic chunks respect sections, paragraphs, tokens."""
 
 import json
 
 import pytest
 from transformers import AutoTokenizer
 
-from longctx.chunking import fixed_windows, reorder, semantic_chunks
+from longctx.chunking import fixed_windows, reorder, semantic_chunks, token_starts
 from longctx.cli import main
 
 
@@ -58,18 +58,57 @@ def test_reorder_puts_the_best_at_the_ends():
         reorder(ranked, "middle")
 
 
-def test_chunk_and_count_tokens_commands(demo_dir, tmp_path, capsys):
+def chunk_token_bounds(chunks, starts):
+    """Token index where each chunk starts (asserting it is a token boundary of the whole text), and the end."""
+    bounds, pos = [0], 0
+    for c in chunks[:-1]:
+        pos += len(c)
+        assert pos in starts, f"cut at character {pos} is inside a token"
+        bounds.append(starts.index(pos))
+    return bounds + [len(starts)]
+
+
+def test_semantic_chunks_keep_sections_whole_and_headings_with_their_body(demo_dir):
+    tok = AutoTokenizer.from_pretrained(demo_dir)
+    sections = [f"# Section {s}\n\n" + "\n\n".join(f"Point {s}.{p}: " + "ocean river stone " * 6 for p in range(3))
+                for s in range(6)]
+    text = "\n\n".join(sections) + "\n"
+    section_tokens = max(len(tok(s + "\n\n", add_special_tokens=False)["input_ids"]) for s in sections)
+    cap = section_tokens + section_tokens // 2  # one section fits, two do not
+    chunks = semantic_chunks(text, tok, max_tokens=cap)
+    assert "".join(chunks) == text
+    starts = token_starts(text, tok)
+    bounds = chunk_token_bounds(chunks, starts)
+    assert all(0 < b - a <= cap for a, b in zip(bounds, bounds[1:]))
+    assert all(c.lstrip().startswith("# Section") for c in chunks)  # every chunk opens a section
+    assert not any(c.rstrip().splitlines()[-1].startswith("#") for c in chunks)  # no heading left without its body
+
+
+def test_fixed_window_text_is_the_source_text_even_inside_multibyte_characters(demo_dir, tmp_path):
+    """Byte-level tokens can split one character; a window's text is the source between token boundaries."""
+    text = "Grüße aus Köln — 東京 und 🚀 rockets. " * 20
+    doc = tmp_path / "utf8.txt"
+    doc.write_text(text, encoding="utf-8")
+    out = tmp_path / "chunks.jsonl"
+    assert main(["chunk", str(doc), "--tokenizer", str(demo_dir), "--window", "7", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "".join(r["text"] for r in rows) == text  # no overlap: every token, and character, exactly once
+    assert all(r["end"] - r["start"] <= 7 for r in rows)
+    assert rows[-1]["end"] == len(token_starts(text, AutoTokenizer.from_pretrained(demo_dir)))
+
+
+def test_chunk_command_windows_overlap_and_refusals(demo_dir, tmp_path, capsys):
     doc = tmp_path / "doc.txt"
     doc.write_text("one two three four five six seven eight nine ten " * 30)
     out = tmp_path / "chunks.jsonl"
     assert main(["chunk", str(doc), "--tokenizer", str(demo_dir), "--window", "50", "--overlap", "10",
                  "--out", str(out)]) == 0
-    rows = [json.loads(l) for l in out.read_text().splitlines()]
-    assert rows[0]["start"] == 0 and rows[1]["start"] == 40
-    assert main(["chunk", str(doc), "--tokenizer", str(demo_dir), "--window", "5", "--overlap", "5"]) == 2
-    assert "--window/--overlap" in capsys.readouterr().err
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"text": "word " * n}) + "\n" for n in (10, 300, 2000)))
-    assert main(["count-tokens", str(data), "--tokenizer", str(demo_dir), "--lengths", "100,1k", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["total"]["documents"] == 3 and report["total"]["longer_than"] == {"100": 2, "1024": 1}
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["start"] for r in rows[:3]] == [0, 40, 80] and all(r["end"] - r["start"] == 50 for r in rows[:-1])
+    for argv, message in [(["--window", "5", "--overlap", "5"], "--window/--overlap"),
+                          (["--semantic", "0"], "--semantic=0"),
+                          (["--window", "5", "--semantic", "5"], "not allowed with argument")]:
+        assert main(["chunk", str(doc), "--tokenizer", str(demo_dir)] + argv) == 2
+        assert message in capsys.readouterr().err
+    assert main(["chunk", str(doc), "--tokenizer", str(tmp_path / "none"), "--window", "5"]) == 2
+    assert "--tokenizer" in capsys.readouterr().err

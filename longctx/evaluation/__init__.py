@@ -4,21 +4,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
+MIDDLE_PASSAGES = 6  # the recipe has no key for these: a small sweep that shows the curve's shape
+MIDDLE_STRATEGIES = ["none", "first-last"]
+
 
 def run_at_end(model_dir: str, section, out_dir: str) -> dict:
-    """The evaluations a recipe's `eval.at_end` lists, on an exported model; reports go to out_dir."""
-    from longctx.evaluation.common import load_model
-    from longctx.evaluation.reports import middle_report, needle_report, ppl_report, summary_line
+    """The evaluations a recipe's `eval.at_end` lists (a `longctx.config.EvalSection`) on an exported model
+    directory (tokenizer inside); JSON + PNG reports go to out_dir. Returns {evaluation: one summary line}."""
+    from longctx.evaluation.common import load_model, model_name
+    from longctx.evaluation.reports import long_documents, middle_report, needle_report, ppl_report, summary_line
 
     model, tokenizer = load_model(model_dir)
+    name = model_name(model_dir)
+    lengths = sorted(set(section.lengths))
     out = Path(out_dir)
     summary = {}
-    for name in section.at_end:
-        if name == "ppl":
-            report = ppl_report({Path(model_dir).name: (model, tokenizer)}, list(section.lengths), out)
-        elif name == "needle":
-            report = needle_report(model, tokenizer, list(section.lengths), list(section.depths), section.trials, out)
+    for evaluation in section.at_end:
+        if evaluation == "ppl":
+            documents = long_documents(tokenizer, max(lengths), None)
+            report = ppl_report({name: (lambda: (model, tokenizer), documents)}, lengths, out)
+        elif evaluation == "needle":
+            report = needle_report(model, tokenizer, lengths, list(section.depths), section.trials, out,
+                                   model_name=name, key="eval.lengths")
         else:
-            report = middle_report(model, tokenizer, 6, section.trials, out, ["none", "first-last"])
-        summary[name] = summary_line(name, report)
+            report = middle_report(model, tokenizer, MIDDLE_PASSAGES, section.trials, out, MIDDLE_STRATEGIES,
+                                   model_name=name)
+        summary[evaluation] = summary_line(evaluation, report)
     return summary

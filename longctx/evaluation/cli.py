@@ -1,4 +1,7 @@
-"""`longctx eval ppl|needle|middle --model DIR ...`: reports (JSON + PNG) into --out."""
+"""`longctx eval ppl|needle|middle --model DIR ...`: reports (JSON + PNG) into --out.
+
+Every argument is checked before a model loads, so bad input costs nothing and writes nothing.
+"""
 
 from __future__ import annotations
 
@@ -6,63 +9,123 @@ from pathlib import Path
 
 from longctx.cli import ArgParser
 from longctx.config import ConfigError
-from longctx.evaluation.common import load_model, parse_fractions, parse_lengths
-from longctx.evaluation.reports import middle_report, needle_report, ppl_report, summary_line
+from longctx.evaluation.common import (document_texts, load_model, model_name, parse_fractions, parse_lengths,
+                                       rope_override, rope_variants)
+from longctx.evaluation.middle import MAX_PASSAGES
+from longctx.evaluation.needle import MAX_NEEDLES
+from longctx.evaluation.reports import (check_needle_lengths, long_documents, middle_report, needle_report, ppl_report,
+                                        summary_line)
 
 
 def parser() -> ArgParser:
     p = ArgParser(prog="longctx eval", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="task", required=True, parser_class=ArgParser)
     for name in ("ppl", "needle", "middle"):
-        s = sub.add_parser(name)
-        s.add_argument("--model", action="append", required=True, help="model directory (ppl: repeat to compare)")
-        s.add_argument("--out", default=f"out/eval-{name}")
-        s.add_argument("--data", nargs="*", help="text files for the haystack / documents (default: embedded corpus)")
-        s.add_argument("rope", nargs="*", help="RoPE override, e.g. rope.method=yarn rope.factor=4")
+        s = sub.add_parser(name, prog=f"longctx eval {name}")
+        s.add_argument("--model", action="append", required=True,
+                       help="local model directory" + (" (repeat to compare models)" if name == "ppl" else ""))
+        s.add_argument("--out", default=f"out/eval-{name}", help="report directory")
+        s.add_argument("--data", action="append",
+                       help="documents (.jsonl/.json/.parquet/.txt or a folder; repeatable); default: embedded corpus")
+        s.add_argument("rope", nargs="*", metavar="rope.KEY=VALUE",
+                       help="RoPE override, e.g. rope.method=yarn rope.factor=4"
+                            + (" (rope.method=none,linear,yarn: one line per method)" if name == "ppl" else ""))
         if name in ("ppl", "needle"):
-            s.add_argument("--lengths", default="1k,2k,4k")
+            s.add_argument("--lengths", default="1k,2k,4k", help="context lengths: 4096, 32k, 1m, comma-separated")
         if name == "ppl":
-            s.add_argument("--score-last", type=int, default=0, help="score only the last N tokens of each window")
+            how = s.add_mutually_exclusive_group()
+            how.add_argument("--score-last", type=int, default=0, help="score only the last N tokens of each window")
+            how.add_argument("--stride", type=int, default=0, help="sliding windows every N tokens (N < every length)")
+            s.add_argument("--batch-size", type=int, default=4)
         if name == "needle":
             s.add_argument("--depths", default="0,0.25,0.5,0.75,1")
-            s.add_argument("--trials", type=int, default=3)
-            s.add_argument("--needles", type=int, default=1, help="several needles: multi-key / multi-value")
+            s.add_argument("--trials", type=int, default=3, help="needles per cell, each with new keys")
+            s.add_argument("--needles", type=int, default=1, help=f"1..{MAX_NEEDLES}; several: multi-key / multi-value")
             s.add_argument("--retrieve", choices=("one", "all"), default="one")
         if name == "middle":
-            s.add_argument("--passages", type=int, default=6)
+            s.add_argument("--passages", type=int, default=6, help=f"k passages, 2..{MAX_PASSAGES}")
+            s.add_argument("--words", type=int, default=40, help="words of filler per passage")
             s.add_argument("--trials", type=int, default=3)
             s.add_argument("--reorder", default="none,first-last,reverse")
     return p
 
 
-def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
-    for f in args.data or []:
-        if not Path(f).is_file():
-            raise ConfigError(f"--data {f}: no such file")
-    out = Path(args.out)
-    if args.task == "ppl":
-        lengths = parse_lengths(args.lengths)
-        models = {"/".join(Path(m).parts[-2:]) + (" " + " ".join(args.rope) if args.rope else ""): load_model(m, args.rope)
-                  for m in args.model}
-        report = ppl_report(models, lengths, out, args.data, args.score_last)
-    elif len(args.model) > 1:
+def _at_least(value: int, minimum: int, key: str) -> None:
+    if value < minimum:
+        raise ConfigError(f"{key}={value}: must be >= {minimum}")
+
+
+def check(args) -> None:
+    """Every argument, before anything loads; raises ConfigError naming the argument."""
+    for d in args.model:
+        if not (Path(d) / "config.json").is_file():
+            raise ConfigError(f"--model {d}: not a directory with a config.json (models load from local dirs)")
+    if args.task != "ppl" and len(args.model) > 1:
         raise ConfigError(f"--model: {args.task} evaluates one model at a time (got {len(args.model)})")
-    elif args.task == "needle":
-        lengths, depths = parse_lengths(args.lengths), parse_fractions(args.depths)
-        if not 1 <= args.needles <= 8:
-            raise ConfigError(f"--needles={args.needles}: must be 1..8")
-        model, tokenizer = load_model(args.model[0], args.rope)
-        report = needle_report(model, tokenizer, lengths, depths, args.trials, out, args.data, args.needles, args.retrieve)
-    else:
+    for f in args.data or []:
+        if not Path(f).exists():
+            raise ConfigError(f"--data {f}: no such file or directory")
+    if args.rope:
+        from transformers import AutoConfig
+
+        for d in args.model:  # applying the override to the config alone is cheap and names the bad key
+            for overrides in rope_variants(args.rope):
+                if overrides:
+                    rope_override(AutoConfig.from_pretrained(d), overrides)
+    if args.task in ("ppl", "needle"):
+        args.lengths = sorted(set(parse_lengths(args.lengths)))
+    if args.task == "ppl":
+        _at_least(args.batch_size, 1, "--batch-size")
+        _at_least(args.score_last, 0, "--score-last")
+        if args.stride and not 0 < args.stride < min(args.lengths):
+            raise ConfigError(f"--stride={args.stride}: must be in 1..{min(args.lengths) - 1} (below the shortest "
+                              f"length), or windows would skip tokens")
+        if args.score_last >= min(args.lengths):
+            raise ConfigError(f"--score-last={args.score_last}: must be below the shortest length {min(args.lengths)}")
+    if args.task == "needle":
+        args.depths = parse_fractions(args.depths)
+        _at_least(args.trials, 1, "--trials")
+        if not 1 <= args.needles <= MAX_NEEDLES:
+            raise ConfigError(f"--needles={args.needles}: must be 1..{MAX_NEEDLES}")
+    if args.task == "middle":
         from longctx.chunking import STRATEGIES
 
-        strategies = args.reorder.split(",")
-        bad = [s for s in strategies if s not in STRATEGIES]
+        _at_least(args.trials, 1, "--trials")
+        _at_least(args.words, 1, "--words")
+        if not 2 <= args.passages <= MAX_PASSAGES:
+            raise ConfigError(f"--passages={args.passages}: must be 2..{MAX_PASSAGES}")
+        args.reorder = args.reorder.split(",")
+        bad = [s for s in args.reorder if s not in STRATEGIES]
         if bad:
-            raise ConfigError(f"--reorder={args.reorder}: {bad[0]!r} is not one of {'|'.join(STRATEGIES)}")
+            raise ConfigError(f"--reorder: {bad[0]!r} is not one of {'|'.join(STRATEGIES)}")
+
+
+def main(argv: list[str]) -> int:
+    from transformers import AutoTokenizer
+
+    args = parser().parse_args(argv)
+    check(args)
+    texts = document_texts(args.data) if args.data else None
+    tokenizer = AutoTokenizer.from_pretrained(args.model[0])
+    out = Path(args.out)
+    if args.task == "ppl":
+        variants = {}
+        for d in args.model:
+            # documents first: a length no document reaches is refused before any model loads
+            documents = long_documents(AutoTokenizer.from_pretrained(d), max(args.lengths), texts)
+            for overrides in rope_variants(args.rope):
+                label = model_name(d) + (" " + " ".join(o[len("rope."):] for o in overrides) if overrides else "")
+                variants[label] = (lambda d=d, o=overrides: load_model(d, o), documents)
+        report = ppl_report(variants, args.lengths, out, args.score_last, args.stride, args.batch_size)
+    elif args.task == "needle":
+        check_needle_lengths(tokenizer, args.lengths, args.needles, args.retrieve, "--lengths")
         model, tokenizer = load_model(args.model[0], args.rope)
-        report = middle_report(model, tokenizer, args.passages, args.trials, out, strategies, args.data)
+        report = needle_report(model, tokenizer, args.lengths, args.depths, args.trials, out, texts, args.needles,
+                               args.retrieve, model_name(args.model[0]))
+    else:
+        model, tokenizer = load_model(args.model[0], args.rope)
+        report = middle_report(model, tokenizer, args.passages, args.trials, out, args.reorder, texts, args.words,
+                               model_name(args.model[0]))
     print(summary_line(args.task, report))
     print(f"reports in {out}")
     return 0

@@ -1,7 +1,8 @@
 """Needle in a haystack / passkey retrieval over a length x depth grid, exact match of greedy output.
 
 Variants: one needle (the passkey); several needles with different owners, retrieve one
-(multi-key); several pass keys, retrieve all (multi-value).
+(multi-key: the others are distractors); several pass keys, retrieve all (multi-value).
+Every prompt of a length has exactly that many tokens, so a cell's trials run as one batch.
 """
 
 from __future__ import annotations
@@ -11,63 +12,75 @@ import random
 import numpy as np
 from tqdm import tqdm
 
-from longctx.evaluation.common import Generate
+from longctx.evaluation.common import Generate, bos, first_numbers_match
 
 OWNERS = ["red", "blue", "green", "amber", "violet", "silver", "orange", "black"]
+MAX_NEEDLES = len(OWNERS)
 
 
 def needles(keys: list[str], retrieve: str) -> tuple[list[str], str, list[str]]:
-    """(needle sentences, question, answers)."""
+    """(needle sentences, question, answers); the first needle is the one placed at the cell's depth."""
     if len(keys) == 1:
         k = keys[0]
-        return [f" The pass key is {k}. Remember it. {k} is the pass key. "], " What is the pass key? The pass key is", [k]
+        question = " What is the pass key? The pass key is"
+        return [f" The pass key is {k}. Remember it. {k} is the pass key. "], question, [k]
     if retrieve == "one":
         texts = [f" The pass key of the {o} door is {k}. " for o, k in zip(OWNERS, keys)]
-        return texts, f" What is the pass key of the {OWNERS[0]} door? The pass key of the {OWNERS[0]} door is", [keys[0]]
+        question = f" What is the pass key of the {OWNERS[0]} door? The pass key of the {OWNERS[0]} door is"
+        return texts, question, [keys[0]]
     texts = [f" One of the pass keys is {k}. " for k in keys]
     return texts, " List every pass key. The pass keys are", keys
 
 
+def minimum_length(tokenizer, n_needles: int, retrieve: str) -> int:
+    """The shortest context that holds bos, the needles, the question and one filler token."""
+    texts, question, _ = needles(["99999"] * n_needles, retrieve)
+    return len(bos(tokenizer)) + sum(len(tokenizer(t, add_special_tokens=False)["input_ids"])
+                                     for t in texts + [question]) + 1
+
+
 def build_prompt(tokenizer, filler: list[int], length: int, depth: float, texts: list[str], question: str,
                  rng: random.Random) -> list[int]:
-    """Filler tokens with the needles inserted (the first at `depth`, others at random depths), then the question."""
+    """Exactly `length` tokens: bos, filler with the needles inserted (the first at `depth` of the filler, others
+    at random depths), then the question. Needles go in at token boundaries of the filler, never inside a token."""
     needle_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     q_ids = tokenizer(question, add_special_tokens=False)["input_ids"]
-    budget = length - len(q_ids) - sum(map(len, needle_ids))
+    start = bos(tokenizer)
+    budget = length - len(start) - len(q_ids) - sum(map(len, needle_ids))
     if budget < 1:
         raise ValueError(f"length {length} is too short for the needles and the question")
+    if len(filler) < budget:
+        raise ValueError(f"the haystack has {len(filler)} tokens, {budget} needed")
     hay = list(filler[:budget])
     places = [round(depth * budget)] + [rng.randint(0, budget) for _ in needle_ids[1:]]
     for place, ids in sorted(zip(places, needle_ids), key=lambda p: -p[0]):  # from the back: places stay valid
         hay[place:place] = ids
-    return hay + q_ids
-
-
-def score(generated: str, answers: list[str]) -> float:
-    """Exact match: the first answer must open the output; for several, every one must appear."""
-    text = generated.strip()
-    if len(answers) == 1:
-        return float(text.startswith(answers[0]))
-    return float(all(a in text for a in answers))
+    return start + hay + q_ids
 
 
 def needle_grid(generate: Generate, tokenizer, filler: list[int], lengths: list[int], depths: list[float],
                 trials: int = 2, n_needles: int = 1, retrieve: str = "one", seed: int = 0) -> dict:
+    """scores[depth][length]: the fraction of a cell's trials (each with new keys) answered exactly."""
     rng = random.Random(seed)
     scores = np.zeros((len(depths), len(lengths)))
     cells = []
     with tqdm(total=len(lengths) * len(depths) * trials, desc="needle") as bar:
         for j, length in enumerate(lengths):
             for i, depth in enumerate(depths):
-                hits = []
+                cases = []
                 for _ in range(trials):
-                    keys = [str(rng.randint(10000, 99999)) for _ in range(n_needles)]
+                    keys = [str(k) for k in rng.sample(range(10000, 100000), n_needles)]  # distinct keys
                     texts, question, answers = needles(keys, retrieve)
-                    prompt = build_prompt(tokenizer, filler, length, depth, texts, question, rng)
-                    out = tokenizer.decode(generate(prompt, 4 + 6 * len(answers)), skip_special_tokens=True)
-                    hits.append(score(out, answers))
-                    cells.append({"length": length, "depth": depth, "answers": answers, "output": out, "hit": hits[-1]})
-                    bar.update(1)
+                    cases.append((build_prompt(tokenizer, filler, length, depth, texts, question, rng), answers))
+                n_new = 4 + 6 * len(cases[0][1])  # room for each 5-digit key and a separator, however digits tokenize
+                outputs = generate([prompt for prompt, _ in cases], n_new)
+                hits = []
+                for (_, answers), out in zip(cases, outputs):
+                    text = tokenizer.decode(out, skip_special_tokens=True)
+                    hits.append(first_numbers_match(text, answers))
+                    cells.append({"length": length, "depth": depth, "answers": answers, "output": text,
+                                  "hit": hits[-1]})
                 scores[i, j] = sum(hits) / trials
+                bar.update(trials)
     return {"lengths": lengths, "depths": depths, "trials": trials, "needles": n_needles, "retrieve": retrieve,
             "scores": scores.tolist(), "mean": float(scores.mean()), "cells": cells}

@@ -1,4 +1,4 @@
-"""PNG reports a person can read: a length x depth heatmap and lines of perplexity against length."""
+"""The report figures: needle heatmap, perplexity-vs-length lines, lost-in-the-middle curves (Agg, no display)."""
 
 from __future__ import annotations
 
@@ -10,18 +10,24 @@ import numpy as np  # noqa: E402
 
 from longctx.evaluation.common import short  # noqa: E402
 
+# lines that coincide (a method that changes nothing) must stay visible: each gets its own marker and dash
+STYLES = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "--"), ("X", "-.")]
+
 
 def heatmap(scores: np.ndarray, lengths: list[int], depths: list[float], title: str, path: str) -> None:
-    """scores[depth, length] in [0, 1]."""
-    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 3, 0.55 * len(depths) + 2))
+    """scores[depth, length] in [0, 1]: depth down, length across, as published needle charts are."""
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.0 * len(lengths) + 3), max(3.5, 0.5 * len(depths) + 2)))
     image = ax.imshow(scores, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(lengths)), [short(n) for n in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth")
+    ax.set_ylabel("needle depth (0% = start of context)")
     for i in range(len(depths)):
         for j in range(len(lengths)):
-            ax.text(j, i, f"{scores[i, j]:.2f}", ha="center", va="center", fontsize=9)
+            value = scores[i, j]
+            # the colour map is dark at both ends: white text there, black in the pale middle
+            colour = "white" if value < 0.25 or value > 0.85 else "black"
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=9, color=colour)
     fig.colorbar(image, ax=ax, label="retrieval accuracy")
     ax.set_title(title)
     fig.tight_layout()
@@ -29,16 +35,20 @@ def heatmap(scores: np.ndarray, lengths: list[int], depths: list[float], title: 
     plt.close(fig)
 
 
-def lines(series: dict[str, tuple[list[int], list[float]]], ylabel: str, title: str, path: str) -> None:
-    """One line per model or method: x = context length (log scale)."""
+def ppl_lines(series: dict[str, tuple[list[int], list[float]]], title: str, path: str) -> None:
+    """One line per model or RoPE method; x = context length on a log scale, y log when lines are far apart."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", label=name)
+    for (name, (xs, ys)), (marker, dash) in zip(series.items(), STYLES * len(series)):
+        ax.plot(xs, ys, marker=marker, linestyle=dash, label=name)
     ax.set_xscale("log", base=2)
     xs = sorted({x for xs, _ in series.values() for x in xs})
     ax.set_xticks(xs, [short(x) for x in xs])
+    ax.minorticks_off()
+    ys = [y for _, ys in series.values() for y in ys]
+    if ys and max(ys) > 10 * min(ys):
+        ax.set_yscale("log")
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel("perplexity")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -47,15 +57,21 @@ def lines(series: dict[str, tuple[list[int], list[float]]], ylabel: str, title: 
     plt.close(fig)
 
 
-def bars(values: list[float], labels: list[str], ylabel: str, title: str, path: str) -> None:
-    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(values) + 2), 4))
-    bars = ax.bar(range(len(values)), values, color="tab:blue")
-    ax.bar_label(bars, [f"{v:.2f}" for v in values], padding=2)  # zeros stay visible as numbers
-    ax.set_xticks(range(len(values)), labels)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("position of the relevant passage")
-    ax.set_ylabel(ylabel)
+def middle_lines(accuracy: dict[str, list[float]], title: str, path: str) -> None:
+    """One line per ordering strategy: accuracy against the relevant passage's retriever rank."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (strategy, values), (marker, dash) in zip(accuracy.items(), STYLES * len(accuracy)):
+        ranks = range(1, len(values) + 1)
+        ax.plot(ranks, values, marker=marker, linestyle=dash,
+                label=strategy if strategy != "none" else "none (rank = position)")
+    k = max(len(v) for v in accuracy.values())
+    ax.set_xticks(range(1, k + 1))
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("retriever rank of the relevant passage (1 = best)")
+    ax.set_ylabel("accuracy")
     ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(title="passage order")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
