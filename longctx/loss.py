@@ -2,13 +2,18 @@
 
 Labels arrive already shifted (labels[t] is the token that position t predicts, -100 where
 nothing is predicted), so chunks and sequence-parallel shards need no neighbour's token.
+
+The gradients of the hidden states and of the output projection are made in the forward
+pass, chunk by chunk, while each chunk's logits exist anyway; backward only scales them by
+the incoming gradient. So no logits are recomputed and no (tokens x vocab) tensor outlives
+its chunk. DeepSpeed's `TiledFusedLogitsLoss` works the same way but scales only the hidden
+states' gradient in backward: a trained output projection would get its gradient unscaled
+(wrong under any loss scaling, which the train loop applies), hence this function.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
@@ -18,22 +23,56 @@ def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight).float()
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_tokens: int, make_grads: bool):
+        h = hidden.reshape(-1, hidden.shape[-1])
+        y = labels.reshape(-1)
+        need_h = make_grads and ctx.needs_input_grad[0]
+        need_w = make_grads and ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk_tokens):
+            hc, yc = h[start:start + chunk_tokens], y[start:start + chunk_tokens]
+            logits = (hc @ weight.t()).float()  # bf16 matmul, softmax in fp32 (as transformers' loss)
+            lse = torch.logsumexp(logits, dim=-1)
+            valid = yc != IGNORE_INDEX
+            target = yc.masked_fill(~valid, 0).unsqueeze(1)
+            total += torch.where(valid, lse - logits.gather(1, target).squeeze(1), 0.0).sum()
+            if need_h or need_w:
+                # d(sum of losses)/d(logits) = softmax - onehot(target), zero on ignored tokens;
+                # computed in place over the fp32 logits so the chunk holds one such tensor.
+                grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()
+                grad_logits.scatter_add_(1, target, torch.full_like(lse, -1.0).unsqueeze(1))
+                grad_logits.mul_(valid.unsqueeze(1))
+                grad_logits = grad_logits.to(weight.dtype)
+                if need_h:
+                    grad_h[start:start + chunk_tokens] = grad_logits @ weight
+                if need_w:
+                    grad_w += (grad_logits.t() @ hc).float()
+            del logits
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_h.view(hidden.shape) if need_h else None, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_out.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = (grad_w * grad_out).to(ctx.weight_dtype)  # accumulated over chunks in fp32
+        return grad_h, grad_w, None, None, None
 
 
 def chunked_lm_loss(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int
 ) -> torch.Tensor:
-    """Sum of token losses; each chunk's logits are recomputed in backward, never kept."""
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    labels = labels.reshape(-1)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_tokens):
-        end = start + chunk_tokens
-        total = total + checkpoint(_chunk_loss, hidden[start:end], weight, labels[start:end], use_reentrant=False)
-    return total
+    """Sum of token losses of `hidden @ weight.T` against `labels`, `chunk_tokens` tokens at a time."""
+    if chunk_tokens < 1:
+        raise ValueError(f"train.loss_chunk_tokens={chunk_tokens}: must be >= 1")
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_tokens, torch.is_grad_enabled())
 
 
 def causal_lm_loss(

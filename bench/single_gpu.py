@@ -1,0 +1,257 @@
+"""One GPU, long sequences: Llama-3.1-8B architecture, LoRA r=16 on all linears, bf16, one training step.
+
+Stacks, side by side (each (stack, length) in its own process, so an out-of-memory does not
+poison the next):
+
+    hf       plain Hugging Face: SDPA (torch's default choice), gradient checkpointing, the model's loss
+    ds       DeepSpeed components: SDPA with cuDNN first, DeepSpeed TiledMLP and TiledFusedLogitsLoss,
+             Hugging Face checkpointing
+    ds-cpu   ds + torch.autograd.graph.save_on_cpu(pin_memory=True)
+    longctx  ours: checkpointing with layer inputs in pinned host memory (longctx.checkpointing),
+             chunked loss (longctx.loss), tiled MLP from 32K (longctx.tiled_mlp); SDPA as in ds
+
+Weights are random (built directly on the GPU in bf16); adapters are bf16 in every stack.
+A step is forward + backward + AdamW on the adapters. Model TFLOP/s counts 3x the forward
+FLOPs (linear layers, lm_head and causal attention), recompute not counted, for every stack.
+
+    python bench/single_gpu.py --runs longctx:16k,hf:16k,ds:16k,longctx:256k --out $OUT/single_gpu.json
+
+Needs no omegaconf: only longctx's model-side modules are imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "longctx" / "assets" / "llama-3.1-8b"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+STACKS = ("hf", "ds", "ds-cpu", "longctx")
+TILE_TOKENS = 4096  # DeepSpeed's recommendation for TiledMLP shards (one hidden size) and our loss chunk
+WARMUP_TOKENS = 1024
+GiB = 2**30
+# longctx's choice of layers kept on the GPU: what is free after the weights, less this
+# working set per token (one layer recomputed and differentiated) and a margin, holds inputs.
+WORKING_BYTES_PER_TOKEN = 200 * 1024
+MARGIN_BYTES = 8 * GiB
+
+
+def parse_tokens(text: str) -> int:
+    text = text.strip().lower()
+    return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
+
+
+class HostMemoryWatch:
+    """Lowest MemAvailable seen (sampled), so pinned and pageable host memory both count."""
+
+    def __init__(self) -> None:
+        self.start = self._available()
+        self.lowest = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _available() -> int:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self.lowest = min(self.lowest, self._available())
+
+    def used_gib(self) -> float:
+        self._stop.set()
+        return (self.start - min(self.lowest, self._available())) / GiB
+
+
+def model_flops(config, tokens: int) -> float:
+    """3 x forward FLOPs of one sequence of `tokens` (causal attention counts half the scores)."""
+    h, L = config.hidden_size, config.num_hidden_layers
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    linear = L * (h * (q + 2 * kv) + q * h + 3 * h * config.intermediate_size) + config.vocab_size * h
+    attention = L * 2 * 2 * q * tokens / 2  # QK^T and PV, 2 FLOPs per MAC, half the keys on average
+    return 3 * tokens * (2 * linear + attention)
+
+
+def build(stack: str, seq_len: int):
+    """The LoRA model of one stack, its optimizer, and what was patched (for the record)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(CONFIG_DIR)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS),
+                           autocast_adapter_dtype=False)
+    model.train()
+    record = {}
+    if stack in ("hf", "ds", "ds-cpu"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if stack in ("ds", "ds-cpu", "longctx"):
+        from longctx.tiled_mlp import apply_tiled_mlp, use_tiled_mlp
+
+        if stack != "longctx" or use_tiled_mlp("auto", seq_len):
+            apply_tiled_mlp(model, TILE_TOKENS)
+            record["tiled_mlp"] = TILE_TOKENS
+    if stack == "longctx":
+        from longctx.checkpointing import apply_checkpointing, choose_checkpointing, offload_host_bytes, require_host_memory
+
+        free = torch.cuda.mem_get_info()[0]
+        policy, gpu_layers = choose_checkpointing(config, "auto", seq_len, 1,
+                                                  free - seq_len * WORKING_BYTES_PER_TOKEN - MARGIN_BYTES)
+        if policy == "offload":
+            require_host_memory(offload_host_bytes(config, seq_len, 1, gpu_layers))
+        handle = apply_checkpointing(model, policy, gpu_layers)
+        t0 = time.perf_counter()
+        if handle.offloader is not None:
+            handle.offloader.reserve((1, seq_len, config.hidden_size), torch.bfloat16, torch.device("cuda"))
+        record.update(checkpointing=policy, gpu_layers=gpu_layers, pinned_gib=round(
+            (handle.offloader.host_bytes if handle.offloader else 0) / GiB, 2), pin_s=round(time.perf_counter() - t0, 1))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(params, lr=1e-5, fused=True), config, record
+
+
+def train_step(stack: str, model, optimizer, ids) -> float:
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    labels = torch.roll(ids, -1, dims=1)  # pre-shifted: position t predicts token t+1
+    labels[:, -1] = -100
+    positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+    attention = contextlib.nullcontext() if stack == "hf" else sdpa_kernel(
+        [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION], set_priority=True)
+    offload = torch.autograd.graph.save_on_cpu(pin_memory=True) if stack == "ds-cpu" else contextlib.nullcontext()
+    with attention, offload:
+        if stack == "hf":
+            loss = model(input_ids=ids, position_ids=positions, labels=ids).loss
+        elif stack == "longctx":
+            from longctx.loss import causal_lm_loss
+
+            loss_sum, n = causal_lm_loss(model, ids, positions, labels, TILE_TOKENS)
+            loss = loss_sum / n
+        else:
+            from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss
+
+            lm = model.get_base_model()
+            hidden = lm.model(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+
+            def loss_fn(head, x, y):
+                return F.cross_entropy(head(x).float().view(-1, head.out_features), y.view(-1), reduction="sum")
+
+            shards = math.ceil(ids.shape[1] / TILE_TOKENS)
+            loss = TiledFusedLogitsLoss.apply(loss_fn, lm.lm_head, hidden, labels, None, shards, [], "sum")
+            loss = loss / (labels != -100).sum()
+        loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def child(stack: str, seq_len: int, steps: int) -> dict:
+    import torch
+
+    watch = HostMemoryWatch()
+    row = {"stack": stack, "seq_len": seq_len, "device": torch.cuda.get_device_name()}
+    try:
+        t0 = time.perf_counter()
+        model, optimizer, config, record = build(stack, seq_len)
+        row.update(record, build_s=round(time.perf_counter() - t0, 1))
+        gen = torch.Generator(device="cuda").manual_seed(seq_len)
+        warm = torch.randint(0, config.vocab_size, (1, WARMUP_TOKENS), device="cuda", generator=gen)
+        train_step(stack, model, optimizer, warm)  # kernels, handles and workspaces made outside the timing
+        ids = torch.randint(0, config.vocab_size, (1, seq_len), device="cuda", generator=gen)
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            loss = train_step(stack, model, optimizer, ids)
+            torch.cuda.synchronize()
+            step_s = time.perf_counter() - t
+        row.update(status="ok", loss=round(loss, 4), step_s=round(step_s, 2), tokens_per_s=round(seq_len / step_s),
+                   model_tflops=round(model_flops(config, seq_len) / step_s / 1e12, 1))
+    except torch.OutOfMemoryError as e:
+        row.update(status="oom", error=str(e).splitlines()[0][:160])
+    except Exception as e:  # reported in the table, not hidden: the run is a data point
+        row.update(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+    row.update(peak_gpu_gib=round(torch.cuda.max_memory_allocated() / GiB, 1),
+               peak_gpu_reserved_gib=round(torch.cuda.max_memory_reserved() / GiB, 1),
+               host_used_gib=round(watch.used_gib(), 1),
+               host_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1))
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    head = "| stack | tokens | status | step s | tokens/s | model TFLOP/s | peak GPU GiB | host GiB | notes |"
+    lines = [head, "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        notes = ", ".join(f"{k}={r[k]}" for k in ("checkpointing", "gpu_layers", "pinned_gib", "tiled_mlp") if k in r)
+        if r["status"] != "ok":
+            notes = (notes + "; " if notes else "") + r.get("error", "")[:90]
+        lines.append(f"| {r['stack']} | {r['seq_len'] // 1024}K | {r['status']} | {r.get('step_s', '')} | "
+                     f"{r.get('tokens_per_s', '')} | {r.get('model_tflops', '')} | {r.get('peak_gpu_gib', '')} | "
+                     f"{r.get('host_used_gib', '')} | {notes} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", default="longctx:16k,hf:16k,ds:16k,hf:32k,longctx:64k,longctx:128k,longctx:256k",
+                   help="stack:length pairs, run in this order; a stack stops at its first out-of-memory")
+    p.add_argument("--steps", type=int, default=0, help="timed steps per run (last reported); 0: 2 up to 32K, else 1")
+    p.add_argument("--deadline", type=float, default=560, help="seconds: no run starts after this, a running one is stopped")
+    p.add_argument("--out", default=os.environ.get("OUT", ".") + "/single_gpu.json")
+    p.add_argument("--child", nargs=3, metavar=("STACK", "TOKENS", "STEPS"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child[0], int(args.child[1]), int(args.child[2]))), flush=True)
+        return
+
+    start, rows, failed = time.perf_counter(), [], set()
+    for item in args.runs.split(","):
+        stack, length = item.split(":")
+        if stack not in STACKS:
+            sys.exit(f"--runs: unknown stack {stack!r} (one of {', '.join(STACKS)})")
+        seq_len = parse_tokens(length)
+        left = args.deadline - (time.perf_counter() - start)
+        if stack in failed or left < 30:
+            rows.append({"stack": stack, "seq_len": seq_len, "status": "skipped",
+                         "error": "after its out-of-memory" if stack in failed else "device-time deadline"})
+            continue
+        steps = args.steps or (2 if seq_len <= 32768 else 1)
+        cmd = [sys.executable, __file__, "--child", stack, str(seq_len), str(steps)]
+        env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=left, env=env)
+            found = [line[7:] for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+            row = json.loads(found[-1]) if found else {
+                "stack": stack, "seq_len": seq_len, "status": "crash", "error": (out.stderr.strip().splitlines() or [""])[-1][:200]}
+        except subprocess.TimeoutExpired:
+            row = {"stack": stack, "seq_len": seq_len, "status": "timeout", "error": f"stopped at the deadline ({left:.0f} s)"}
+        row["wall_s"] = round(time.perf_counter() - start, 1)
+        if row["status"] == "oom":
+            failed.add(stack)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,352 @@
+"""Activation checkpointing per decoder layer, with layer inputs optionally in pinned host memory.
+
+Each decoder layer runs forward saving only its input; backward recomputes the layer from that
+input and differentiates it. Under the `offload` policy the input goes to a pinned host buffer,
+copied on a side stream while the following layers compute, and in backward the input of the
+layer below is copied back while the current layer is recomputed, so both copies hide under
+compute. The last `gpu_layers` layers keep their inputs on the GPU: backward needs them first,
+before any prefetch could have run.
+
+Policies (recipe key `train.checkpointing`):
+
+    none     no checkpointing: autograd saves every activation of every layer
+    full     checkpoint every layer, inputs stay on the GPU
+    offload  checkpoint every layer, inputs of all but the last `gpu_layers` layers in host memory
+    auto     `choose_checkpointing` picks full when all layer inputs fit the GPU budget, else
+             offload with as many layers on the GPU as fit
+
+The layers are patched through transformers' own hook (`GradientCheckpointingLayer`), so the
+model stays a transformers model and `CheckpointHandle.undo()` restores it exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+POLICIES = ("auto", "none", "full", "offload")
+GiB = 2**30
+# Host memory left to the process itself (Python, CUDA libraries, data loading) when deciding
+# whether the pinned buffers fit.
+HOST_RESERVE_BYTES = 8 * GiB
+
+
+class HostMemoryError(RuntimeError):
+    """Offloaded activations would not fit in host memory; raised before training starts."""
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of a transformers causal LM (inside a PEFT wrapper or not)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return lm.get_decoder().layers
+
+
+def layer_input_bytes(model_config, seq_len: int, micro_batch: int, dtype_bytes: int = 2) -> int:
+    """Bytes of one decoder layer's input: what checkpointing keeps per layer."""
+    return micro_batch * seq_len * model_config.hidden_size * dtype_bytes
+
+
+def offload_host_bytes(model_config, seq_len: int, micro_batch: int, gpu_layers: int = 0,
+                       dtype_bytes: int = 2) -> int:
+    """Pinned host bytes the offload policy needs: one buffer per offloaded layer, exact size."""
+    offloaded = max(0, model_config.num_hidden_layers - gpu_layers)
+    return offloaded * layer_input_bytes(model_config, seq_len, micro_batch, dtype_bytes)
+
+
+def available_host_bytes() -> int:
+    """MemAvailable of this machine (what can be pinned without pushing others to swap)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable line")
+
+
+def require_host_memory(need_bytes: int, available_bytes: Optional[int] = None,
+                        reserve_bytes: int = HOST_RESERVE_BYTES) -> None:
+    """Refuse at start, with the numbers, when offloaded activations would not fit in host memory."""
+    available = available_host_bytes() if available_bytes is None else available_bytes
+    if need_bytes + reserve_bytes > available:
+        raise HostMemoryError(
+            f"train.checkpointing=offload: layer inputs need {need_bytes / GiB:.1f} GiB of pinned host memory "
+            f"(+{reserve_bytes / GiB:.0f} GiB for the process), only {available / GiB:.1f} GiB available; "
+            "shorten data.seq_len, keep more layers on the GPU (train.gpu_checkpoint_layers), or use more GPUs (parallel.sp)")
+
+
+def choose_checkpointing(model_config, policy: str, seq_len: int, micro_batch: int,
+                         gpu_budget_bytes: int, gpu_layers: Optional[int] = None,
+                         dtype_bytes: int = 2) -> tuple[str, int]:
+    """(policy, gpu_layers) to apply. `auto` keeps every layer input on the GPU when they all fit
+    in `gpu_budget_bytes` (what the planner leaves beside weights and the working set of one
+    layer), else offloads all but as many as fit. An explicit `gpu_layers` wins for offload."""
+    if policy not in POLICIES:
+        raise ValueError(f"train.checkpointing={policy!r}: must be one of {'|'.join(POLICIES)}")
+    n = model_config.num_hidden_layers
+    if policy in ("none", "full"):
+        return policy, n
+    if policy == "offload":
+        return policy, min(n, gpu_layers or 0)
+    fit = max(0, gpu_budget_bytes) // layer_input_bytes(model_config, seq_len, micro_batch, dtype_bytes)
+    return ("full", n) if fit >= n else ("offload", int(fit))
+
+
+class _RngState:
+    """CPU and device generator states at a layer's forward, replayed in its recompute (dropout)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[None]:
+        devices = [self.device] if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices, device_type="cuda"):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            yield
+
+
+@dataclass(eq=False)
+class _Stash:
+    """One layer's saved input: a GPU tensor, or a host buffer plus the event of its copy."""
+
+    index: int
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+    gpu: Optional[torch.Tensor] = None
+    host: Optional[torch.Tensor] = None
+    ready: Optional[torch.cuda.Event] = None  # the copy this stash waits for (to host, then to GPU)
+    below: Optional["_Stash"] = None  # the layer under this one in the same forward pass
+
+
+class LayerInputOffloader:
+    """Keeps decoder-layer inputs between forward and backward, on the GPU or in pinned host memory."""
+
+    def __init__(self, n_layers: int, gpu_layers: int):
+        self.n_layers = n_layers
+        self.offloaded = frozenset(range(max(0, n_layers - gpu_layers)))
+        self._host: dict[int, torch.Tensor] = {}  # flat buffer per offloaded layer, reused every step
+        self._writer: dict[int, _Stash] = {}  # the stash whose input each buffer holds now
+        self._pinned: list[int] = []  # data pointers registered with CUDA, unregistered in close()
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._last: Optional[_Stash] = None
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._host.values())
+
+    def reserve(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        """Allocate (and pin) every host buffer now, so a step never pins and a shortage shows at start."""
+        numel = int(torch.Size(shape).numel())
+        for index in sorted(self.offloaded):
+            self._buffer(index, numel, dtype, device)
+
+    def _buffer(self, index: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        buf = self._host.get(index)
+        if buf is None or buf.dtype != dtype or buf.numel() < numel:
+            self._unpin(buf)
+            buf = torch.empty(numel, dtype=dtype)
+            if device.type == "cuda":
+                # Registered at its exact size: torch's pinned allocator rounds to a power of two,
+                # which would nearly double the host memory of a 384K-token run.
+                nbytes = buf.numel() * buf.element_size()
+                err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)
+                if int(err) != 0:
+                    raise HostMemoryError(f"pinning {nbytes / GiB:.1f} GiB of host memory failed (cudaError {int(err)})")
+                self._pinned.append(buf.data_ptr())
+            self._host[index] = buf
+        return buf[:numel]
+
+    def _unpin(self, buf: Optional[torch.Tensor]) -> None:
+        if buf is not None and buf.data_ptr() in self._pinned:
+            torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+            self._pinned.remove(buf.data_ptr())
+
+    def close(self) -> None:
+        """Unpin and free the host buffers."""
+        if self._pinned:
+            torch.cuda.synchronize()  # no copy may still be reading or writing them
+        for buf in self._host.values():
+            self._unpin(buf)
+        self._host.clear()
+        self._writer.clear()
+        self._last = None
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def save(self, index: int, hidden: torch.Tensor) -> _Stash:
+        """Keep `hidden` for layer `index`'s backward; an offloaded copy starts now, asynchronously."""
+        below = self._last if self._last is not None and self._last.index == index - 1 else None
+        stash = _Stash(index, hidden.shape, hidden.dtype, hidden.device, below=below)
+        if index not in self.offloaded:
+            stash.gpu = hidden
+        else:
+            host = self._buffer(index, hidden.numel(), hidden.dtype, hidden.device).view(hidden.shape)
+            if hidden.is_cuda:
+                stream = self._stream(hidden.device)
+                stream.wait_stream(torch.cuda.current_stream(hidden.device))
+                with torch.cuda.stream(stream):
+                    host.copy_(hidden, non_blocking=True)
+                    stash.ready = torch.cuda.Event()
+                    stash.ready.record(stream)
+                # The caller frees `hidden` once the next layer has run; keep its memory from
+                # being reused until the copy on the side stream has read it.
+                hidden.record_stream(stream)
+            else:
+                host.copy_(hidden)
+            stash.host = host
+            self._writer[index] = stash
+        self._last = stash
+        return stash
+
+    def prefetch(self, stash: _Stash) -> None:
+        """Start copying an offloaded input back to the GPU (no-op when on the GPU or under way)."""
+        if stash.gpu is not None:
+            return
+        if self._writer.get(stash.index) is not stash:
+            raise RuntimeError(
+                f"decoder layer {stash.index}: its offloaded input was overwritten by a later forward pass; "
+                "with offloaded checkpointing each forward must be followed by its backward")
+        if not stash.device.type == "cuda":
+            stash.gpu = stash.host.clone()
+            return
+        compute = torch.cuda.current_stream(stash.device)
+        # Allocated in the compute stream's order; the side stream waits for the compute work
+        # queued so far, so it never writes memory an earlier kernel is still using.
+        gpu = torch.empty(stash.shape, dtype=stash.dtype, device=stash.device)
+        stream = self._stream(stash.device)
+        stream.wait_stream(compute)
+        with torch.cuda.stream(stream):
+            gpu.copy_(stash.host, non_blocking=True)
+            stash.ready = torch.cuda.Event()
+            stash.ready.record(stream)
+        stash.gpu = gpu
+
+    def load(self, stash: _Stash) -> torch.Tensor:
+        """The saved input on the GPU, ready for the compute stream; prefetches the layer below."""
+        self.prefetch(stash)
+        if stash.ready is not None:
+            torch.cuda.current_stream(stash.device).wait_event(stash.ready)
+        if stash.below is not None and stash.below.index in self.offloaded:
+            self.prefetch(stash.below)
+        hidden, stash.gpu, stash.host, stash.below = stash.gpu, None, None, None
+        if self._writer.get(stash.index) is stash:
+            del self._writer[stash.index]
+        if self._last is stash:
+            self._last = None
+        return hidden
+
+    def checkpoint(self, index: int, run: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+        """Layer `index` applied to `hidden` with its input saved here (the hook transformers calls)."""
+        if not torch.is_grad_enabled():
+            return run(hidden)
+        for value in _tensors(getattr(run, "keywords", {}).values()):
+            if value.requires_grad:
+                raise ValueError(f"decoder layer {index}: a keyword input requires grad; checkpointing "
+                                 "recomputes from the hidden states alone and would drop its gradient")
+        if not hidden.requires_grad:
+            # Frozen embeddings (LoRA): the function must still be in the graph for the
+            # layers' adapters to receive gradients.
+            hidden = hidden.detach().requires_grad_()
+        return _CheckpointedLayer.apply(run, self, index, hidden)
+
+
+def _tensors(values) -> Iterator[torch.Tensor]:
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, (tuple, list)):
+            yield from _tensors(v)
+
+
+class _CheckpointedLayer(torch.autograd.Function):
+    """forward: run the layer without saving; backward: reload the input, recompute, differentiate."""
+
+    @staticmethod
+    def forward(ctx, run, offloader: LayerInputOffloader, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        ctx.run, ctx.offloader = run, offloader
+        ctx.rng = _RngState(hidden.device)
+        ctx.stash = offloader.save(index, hidden)  # the copy overlaps the layer's own forward
+        return run(hidden)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        hidden = ctx.offloader.load(ctx.stash).detach().requires_grad_()
+        with torch.enable_grad(), ctx.rng.restored():
+            out = ctx.run(hidden)
+        # Parameter gradients accumulate here, as in reentrant checkpointing (DeepSpeed's hooks see them).
+        torch.autograd.backward(out, grad_out)
+        ctx.run = ctx.stash = None
+        return None, None, None, hidden.grad
+
+
+@dataclass
+class CheckpointHandle:
+    """What `apply_checkpointing` changed; `undo()` restores the layers and frees host buffers."""
+
+    policy: str
+    gpu_layers: int
+    offloader: Optional[LayerInputOffloader]
+    _restore: Callable[[], None]
+
+    def undo(self) -> None:
+        self._restore()
+        if self.offloader is not None:
+            self.offloader.close()
+
+    def describe(self) -> str:
+        if self.policy == "none":
+            return "activation checkpointing: off"
+        if self.policy == "full":
+            return "activation checkpointing: every decoder layer, inputs on the GPU"
+        n = len(self.offloader.offloaded)
+        return (f"activation checkpointing: every decoder layer; inputs of {n} layers in pinned host memory, "
+                f"last {self.gpu_layers} on the GPU")
+
+
+_UNSET = object()
+
+
+def apply_checkpointing(model: torch.nn.Module, policy: str, gpu_layers: int = 0) -> CheckpointHandle:
+    """Checkpoint every decoder layer under `policy` (none | full | offload; resolve auto first with
+    `choose_checkpointing`). `gpu_layers`: with offload, how many of the last layers keep their
+    inputs on the GPU. Takes effect in training mode with gradients enabled."""
+    if policy == "auto":
+        raise ValueError("apply_checkpointing: resolve policy 'auto' with choose_checkpointing first")
+    if policy not in POLICIES:
+        raise ValueError(f"train.checkpointing={policy!r}: must be one of {'|'.join(POLICIES)}")
+    layers = decoder_layers(model)
+    if policy == "none":
+        return CheckpointHandle(policy, len(layers), None, lambda: None)
+    for layer in layers:
+        if not isinstance(layer, GradientCheckpointingLayer):
+            raise ValueError(f"{type(layer).__name__} is not a transformers GradientCheckpointingLayer; "
+                             "cannot checkpoint it through transformers' hook")
+    kept = len(layers) if policy == "full" else min(max(gpu_layers, 0), len(layers))
+    offloader = LayerInputOffloader(len(layers), kept)
+    before = [(layer, layer.__dict__.get("gradient_checkpointing", _UNSET),
+               layer.__dict__.get("_gradient_checkpointing_func", _UNSET)) for layer in layers]
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = True
+        layer._gradient_checkpointing_func = functools.partial(offloader.checkpoint, index)
+
+    def restore() -> None:
+        for layer, flag, func in before:
+            for name, value in (("gradient_checkpointing", flag), ("_gradient_checkpointing_func", func)):
+                if value is _UNSET:
+                    layer.__dict__.pop(name, None)
+                else:
+                    setattr(layer, name, value)
+
+    return CheckpointHandle(policy, kept, offloader, restore)

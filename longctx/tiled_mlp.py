@@ -1,0 +1,65 @@
+"""The MLP of every decoder layer applied over sequence tiles, through DeepSpeed's `TiledMLP`.
+
+A gated MLP's intermediate (tokens x intermediate_size, 3.5x the hidden size for Llama-3)
+is the largest activation of a layer at long sequences. `TiledMLP` runs the MLP tile by tile
+without grad in forward and recomputes each tile in backward, so only one tile's
+intermediate exists at a time. The price is one more MLP forward per step; below
+`AUTO_MIN_TOKENS` the memory saved is small and the recompute is not worth it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+TILED_MLP_SETTINGS = ("auto", "on", "off")
+# auto tiles from this sequence length: at 32K the untiled intermediates of one 8B layer
+# (gate, up, act, product and their gradients) take ~6 GiB, and grow linearly past it.
+AUTO_MIN_TOKENS = 32768
+
+
+def use_tiled_mlp(setting: str, seq_len: int) -> bool:
+    """Whether `train.tiled_mlp` (auto | on | off) tiles at this sequence length."""
+    if setting not in TILED_MLP_SETTINGS:
+        raise ValueError(f"train.tiled_mlp={setting!r}: must be one of {'|'.join(TILED_MLP_SETTINGS)}")
+    return setting == "on" or (setting == "auto" and seq_len >= AUTO_MIN_TOKENS)
+
+
+def _is_gated_mlp(module: torch.nn.Module) -> bool:
+    return all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+
+
+def _untiled(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return type(mlp).forward(mlp, x)  # the class's own forward: the instance one is ours
+
+
+def tiled_forward(mlp: torch.nn.Module, tile_tokens: int, x: torch.Tensor) -> torch.Tensor:
+    """`mlp(x)` computed over tiles of at most `tile_tokens` tokens (per row)."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    tiles = math.ceil(x.shape[-2] / tile_tokens)
+    if tiles <= 1:
+        return _untiled(mlp, x)
+    # Trainable parameters (LoRA adapters, or all weights) are named so that DeepSpeed ZeRO
+    # takes their gradient once, after the last tile, not once per tile.
+    trainable = [p for p in mlp.parameters() if p.requires_grad]
+    return TiledMLP.apply(_untiled, mlp, x, tiles, trainable)
+
+
+def apply_tiled_mlp(model: torch.nn.Module, tile_tokens: int) -> Callable[[], None]:
+    """Tile every gated MLP (gate/up/down projections) of `model`; returns the undo."""
+    if tile_tokens < 1:
+        raise ValueError(f"train.mlp_tile_tokens={tile_tokens}: must be >= 1")
+    mlps = [m for m in model.modules() if _is_gated_mlp(m)]
+    if not mlps:
+        raise ValueError(f"{type(model).__name__}: no gated MLP (gate_proj, up_proj, down_proj, act_fn) to tile")
+    for mlp in mlps:
+        mlp.forward = lambda x, mlp=mlp: tiled_forward(mlp, tile_tokens, x)
+
+    def undo() -> None:
+        for mlp in mlps:
+            mlp.__dict__.pop("forward", None)
+
+    return undo
