@@ -1,7 +1,9 @@
 """Entry point on every rank: `deepspeed launcher/run.py --config R [key=value ...]`.
 
-Also `python launcher/run.py ...` (one process) and `longctx train ...`. The recipe is
-validated before anything is loaded or written; a bad value exits with code 2 and one line.
+Also `python launcher/run.py ...` (one process), `longctx train ...`, `srun python launcher/run.py`
+and `mpirun -n N python launcher/run.py` (ranks discovered from SLURM/MPI variables). The recipe
+is validated, and on GPUs checked against the memory planner, before anything is loaded or
+written; a bad value or a step that cannot fit exits with code 2 and one line.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ from pathlib import Path
 
 from longctx.checkpoint import tag_for
 from longctx.config import ConfigError, Recipe, load_recipe
+from longctx.launcher.discovery import DiscoveryError, discover
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="longctx train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="recipe YAML file")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    parser.add_argument("--ignore-plan", action="store_true", help="train even if the memory planner says it cannot fit")
     parser.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. train.max_steps=10")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # flags may follow the key=value overrides
 
 
 def _free_port() -> int:
@@ -34,7 +38,7 @@ def _free_port() -> int:
 
 def single_process_env() -> None:
     """Let `python launcher/run.py` run as a world of one when no launcher set the variables."""
-    if "RANK" not in os.environ:
+    if discover() is None:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
@@ -48,15 +52,36 @@ def check_world(recipe: Recipe) -> None:
         raise ConfigError(f"parallel.sp={sp}: must divide the number of ranks ({world})")
 
 
+def gpu_memory() -> int | None:
+    """Total memory of this rank's GPU, or None when training runs on CPU."""
+    import torch
+
+    if os.environ.get("DS_ACCELERATOR", "cuda") != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(int(os.environ["LOCAL_RANK"])).total_memory
+
+
+def check_plan(recipe: Recipe) -> None:
+    from longctx.launcher.plan import refusal
+
+    gpu_mem = gpu_memory()
+    reason = None if gpu_mem is None else refusal(recipe, int(os.environ["WORLD_SIZE"]), gpu_mem)
+    if reason is not None:
+        raise ConfigError(reason)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        single_process_env()
         recipe = load_recipe(args.config, args.overrides)
         check_world(recipe)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not args.ignore_plan:
+            check_plan(recipe)
+    except (ConfigError, DiscoveryError) as e:
+        if int(os.environ.get("RANK", 0)) == 0:  # every rank reaches the same verdict; one says it
+            print(f"error: {e}", file=sys.stderr)
         return 2
-    single_process_env()
     rank = int(os.environ["RANK"])
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,

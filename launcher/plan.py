@@ -1,0 +1,511 @@
+"""Will it fit? A per-rank memory model of one training step, and the settings that make it fit.
+
+The model counts bytes the way PyTorch allocates them at the step's peak, which comes in the
+backward pass while every saved activation of the forward is still alive:
+
+    peak = weights + gradients + optimizer states + communication buffers
+         + activations kept across layers (layer inputs, or everything without checkpointing)
+         + max(working set of the layer being recomputed and differentiated,
+               working set of the loss)
+
+Each of our features is a switch (attention kernel, checkpointing policy, chunked loss, tiled
+MLP, DeepSpeed vs plain torch), so the same model also describes plain Hugging Face training.
+Byte counts per token follow what autograd saves in transformers' Llama layers; the
+comments name the tensors. `longctx plan` prints the table; `launcher/run.py` refuses a
+recipe whose peak exceeds the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import re
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Iterator, Optional
+
+from longctx.config import LORA_TARGETS_ALL, ConfigError, Recipe, load_recipe
+from longctx.launcher.dsconfig import template
+
+GiB = 2**30
+# Not visible to max_memory_allocated but taken from the card: CUDA context, cuBLAS/cuDNN
+# workspaces, NCCL channels, and blocks the caching allocator cannot reuse.
+GPU_RESERVED_BYTES = 2 * GiB
+# A training process's own host memory before any tensor of ours: Python, torch, CUDA libraries.
+PROCESS_HOST_BYTES = 3 * GiB
+CHECKPOINTING_POLICIES = ("none", "full", "offload")
+ATTENTION_KINDS = ("flash", "sdpa-mask", "eager")
+SEARCHABLE = ("zero_stage", "offload", "sp", "checkpointing")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a decoder-only RoPE model that decide its memory (from config.json)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool = False
+
+    @classmethod
+    def from_config_dir(cls, path: str) -> "ModelShape":
+        c = json.loads((Path(path) / "config.json").read_text())
+        heads = c["num_attention_heads"]
+        return cls(hidden=c["hidden_size"], layers=c["num_hidden_layers"], heads=heads,
+                   kv_heads=c.get("num_key_value_heads") or heads, head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+                   intermediate=c["intermediate_size"], vocab=c["vocab_size"], tied=bool(c.get("tie_word_embeddings")))
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each linear in one decoder layer."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def layer_params(self) -> int:
+        return sum(i * o for i, o in self.linears().values()) + 2 * self.hidden  # + two norms
+
+    @property
+    def head_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def params(self) -> int:
+        embeddings = self.head_params * (1 if self.tied else 2)
+        return self.layers * self.layer_params + embeddings + self.hidden  # + final norm
+
+    def lora_params(self, r: int, targets: tuple[str, ...]) -> int:
+        return self.layers * sum(r * (i + o) for name, (i, o) in self.linears().items() if name in targets)
+
+
+@dataclass(frozen=True)
+class Features:
+    """How the step is computed; every choice that changes memory is a switch."""
+
+    act_bytes: int = 2  # bf16 weights and activations (4: fp32)
+    lora_r: Optional[int] = 16  # None: full fine-tune
+    lora_targets: tuple[str, ...] = tuple(LORA_TARGETS_ALL)
+    extra_trainable: int = 0  # LongLoRA: embeddings and norms trained beside the adapters
+    adapter_fp32: bool = False  # peft's default upcast: adapters in fp32, each adapted linear keeps an fp32 copy of its input
+    attention: str = "flash"  # flash: O(seq) | sdpa-mask: dense (seq x seq) mask | eager: scores materialised
+    loss: str = "chunked"  # chunked: logits per chunk, recomputed | full: (seq x vocab) logits in fp32
+    loss_chunk_tokens: int = 4096
+    mlp_tile_tokens: int = 0  # 0: untiled MLP
+    engine: str = "deepspeed"  # deepspeed: ZeRO buffers, bf16 master weights | torch: plain optimizer, no ZeRO
+    micro_batch: int = 1
+
+    @property
+    def norms_trainable(self) -> bool:
+        return self.lora_r is None or self.extra_trainable > 0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the planner may choose."""
+
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    sp: int = 1
+    checkpointing: str = "full"
+
+    def describe(self) -> str:
+        offload = [n for n, on in (("optimizer", self.offload_optimizer), ("params", self.offload_params)) if on]
+        return (f"zero_stage={self.zero_stage} offload={'+'.join(offload) or 'none'} sp={self.sp} "
+                f"checkpointing={self.checkpointing}")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int = 1
+    gpus_per_node: int = 1
+    gpu_mem: int = 80 * GiB
+    host_mem: int = 512 * GiB
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass
+class Estimate:
+    seq_len: int
+    settings: Settings
+    gpu: dict[str, int]  # bytes per rank; the two working sets are alternatives: only the larger counts
+    host: dict[str, int]  # bytes per node
+    gpu_limit: int
+    host_limit: int
+
+    @property
+    def gpu_peak(self) -> int:
+        g = dict(self.gpu)
+        working = max(g.pop("layer working set"), g.pop("loss working set"))
+        return sum(g.values()) + working
+
+    @property
+    def host_peak(self) -> int:
+        h = dict(self.host)
+        # loading happens before training: the larger of the two moments
+        return max(h.pop("model load (every rank, before partitioning)"), sum(h.values()))
+
+    @property
+    def fits(self) -> bool:
+        return self.gpu_peak <= self.gpu_limit and self.host_peak <= self.host_limit
+
+    def as_dict(self) -> dict:
+        return {"seq_len": self.seq_len, "settings": asdict(self.settings), "fits": self.fits,
+                "gpu_peak_gib": _gib(self.gpu_peak), "gpu_limit_gib": _gib(self.gpu_limit),
+                "host_peak_gib": _gib(self.host_peak), "host_limit_gib": _gib(self.host_limit),
+                "gpu_gib": {k: _gib(v) for k, v in self.gpu.items()},
+                "host_gib": {k: _gib(v) for k, v in self.host.items()}}
+
+
+def _gib(n: int) -> float:
+    return round(n / GiB, 3)
+
+
+def _check(shape: ModelShape, settings: Settings, cluster: Cluster, seq_len: int) -> None:
+    sp = settings.sp
+    if cluster.world % sp:
+        raise ConfigError(f"parallel.sp={sp}: must divide the {cluster.world} ranks")
+    if shape.heads % sp:
+        raise ConfigError(f"parallel.sp={sp}: must divide the model's {shape.heads} attention heads")
+    if seq_len % sp:
+        raise ConfigError(f"data.seq_len={seq_len}: must be divisible by parallel.sp={sp}")
+    if settings.offload_params and settings.zero_stage != 3:
+        raise ConfigError("parallel.offload_params=true: needs parallel.zero_stage=3")
+    if settings.offload_optimizer and settings.zero_stage == 0:
+        raise ConfigError("parallel.offload_optimizer=true: needs parallel.zero_stage >= 1")
+
+
+def trainable_params(shape: ModelShape, f: Features) -> int:
+    if f.lora_r is None:
+        return shape.params
+    return shape.lora_params(f.lora_r, f.lora_targets) + f.extra_trainable
+
+
+def model_states(shape: ModelShape, f: Features, s: Settings, world: int) -> tuple[dict[str, int], dict[str, int]]:
+    """(GPU bytes per rank, host bytes per rank) of weights, gradients, optimizer and buffers."""
+    b, trainable = f.act_bytes, trainable_params(shape, f)
+    if f.engine == "torch" or b == 4:
+        # trainable weights kept in fp32 (peft's default for adapters), fp32 grads, Adam m and v
+        weight_b, grad_b, optim_b = (4 if f.engine == "torch" else b), 4, 8
+    else:
+        # DeepSpeed bf16: bf16 weights and gradients; fp32 master copy, Adam m and v in the optimizer
+        weight_b, grad_b, optim_b = b, b, 12
+    frozen = shape.params - trainable if f.lora_r is not None else 0
+    weights = frozen * b + trainable * weight_b
+    zero = s.zero_stage if f.engine == "deepspeed" else 0
+    gpu, host = {}, {}
+    if zero == 3:
+        # partitioned; each rank gathers the layer it runs and prefetches the next (or the head)
+        live = (shape.layer_params + max(shape.layer_params, shape.head_params)) * b
+        gpu["weights"] = live + (0 if s.offload_params else weights // world)
+        host["offloaded parameters"] = weights // world if s.offload_params else 0
+    else:
+        gpu["weights"] = weights
+    grads = trainable * grad_b // (world if zero >= 2 else 1)
+    optim = trainable * optim_b // (world if zero >= 1 else 1)
+    if s.offload_optimizer:
+        # ZeRO-Offload: gradients stream to host fp32 partitions, Adam runs there
+        gpu["gradients"], gpu["optimizer states"] = 0, 0
+        host["offloaded optimizer"] = optim + trainable * 4 // world
+    else:
+        gpu["gradients"], gpu["optimizer states"] = grads, optim
+    gpu["communication buffers"] = _comm_buffers(zero, b) if f.engine == "deepspeed" else 0
+    return gpu, host
+
+
+def _comm_buffers(zero: int, b: int) -> int:
+    """Bucket sizes from our DeepSpeed templates; reduce buckets are doubled by overlap_comm."""
+    if zero == 0:
+        return 0
+    z = template(zero)["zero_optimization"]
+    reduce = z.get("reduce_bucket_size", 0) * b * (2 if z.get("overlap_comm") else 1)
+    gather = z.get("allgather_bucket_size", 0) if zero == 2 else z.get("stage3_prefetch_bucket_size", 0)
+    return reduce + gather * b
+
+
+def saved_per_token(shape: ModelShape, f: Features) -> int:
+    """Bytes autograd keeps per token for one decoder layer run without checkpointing (linear part)."""
+    b, h, d = f.act_bytes, shape.hidden, shape.head_dim
+    # RMSNorm: the fp32 upcast of its input (pow and mul save it), its output (saved by the next
+    # linears), and the normalised input when the norm weight is trained
+    norm = 4 * h + b * h + (b * h if f.norms_trainable else 0)
+    # attention: q and k after RoPE, v, the kernel's output, its logsumexp, o_proj's input
+    attention = b * d * (2 * shape.heads + 2 * shape.kv_heads) + b * shape.heads * d + 4 * shape.heads
+    # SwiGLU: gate (SiLU's input), SiLU's output, up, and their product (down_proj's input)
+    mlp = 0 if f.mlp_tile_tokens else 4 * b * shape.intermediate
+    adapters = 0
+    if f.lora_r is not None:
+        for name, (fan_in, _) in shape.linears().items():
+            if name in f.lora_targets:
+                # lora_B keeps lora_A's output; an fp32 adapter keeps its own fp32 copy of the input
+                adapters += f.lora_r * (4 if f.adapter_fp32 else b) + (4 * fan_in if f.adapter_fp32 else 0)
+    return 2 * norm + attention + mlp + adapters
+
+
+def quadratic_saved(shape: ModelShape, f: Features, seq_len: int, sp: int) -> int:
+    """Bytes one layer keeps that grow with seq^2 (per rank, per micro-batch)."""
+    if f.attention == "eager":
+        # fp32 softmax output and its cast to the compute dtype, for this rank's heads
+        return f.micro_batch * (shape.heads // sp) * seq_len * seq_len * (4 + f.act_bytes)
+    if f.attention == "sdpa-mask":
+        # SDPA turns the boolean document mask into an additive bias it saves for backward
+        return f.micro_batch * seq_len * seq_len * f.act_bytes
+    return 0
+
+
+def layer_transient(shape: ModelShape, f: Features, tokens: int, sp: int) -> int:
+    """Gradients alive while one layer's backward runs, beyond what the layer saved."""
+    b, d = f.act_bytes, shape.head_dim
+    qkv = b * d * (shape.heads + 2 * shape.kv_heads)
+    residual = 2 * b * shape.hidden  # gradient flowing in and the one flowing out
+    attention = qkv + 4 * shape.heads * d  # dq, dk, dv and an fp32 dq accumulator
+    if sp > 1:
+        attention += qkv  # all-to-all output buffers
+    if f.mlp_tile_tokens:
+        tile = min(f.mlp_tile_tokens, tokens)
+        # a tile recomputes its 4 intermediates and their 3 gradients; the input gradient is whole
+        return tokens * (residual + attention + b * shape.hidden) + tile * 7 * b * shape.intermediate
+    return tokens * (residual + max(attention, 3 * b * shape.intermediate))
+
+
+def loss_working_set(shape: ModelShape, f: Features, tokens: int) -> int:
+    """Logits-related bytes at the loss's backward."""
+    v = shape.vocab
+    if f.loss == "full":
+        # logits in the compute dtype (returned by the model), their fp32 copy's log_softmax
+        # (saved), and in backward the fp32 gradient of log_softmax's output and of its input
+        return tokens * v * (f.act_bytes + 4 + 4 + 4)
+    # a chunk recomputed in backward: log_softmax output saved, its two fp32 gradients
+    return min(f.loss_chunk_tokens, tokens) * v * 12
+
+
+def estimate(shape: ModelShape, f: Features, s: Settings, cluster: Cluster, seq_len: int) -> Estimate:
+    """The per-rank GPU peak and per-node host memory of one training step at seq_len."""
+    _check(shape, s, cluster, seq_len)
+    b, h, world = f.act_bytes, shape.hidden, cluster.world
+    tokens = f.micro_batch * seq_len // s.sp  # tokens this rank holds between attention calls
+    gpu, host_rank = model_states(shape, f, s, world)
+    layer_saved = tokens * saved_per_token(shape, f) + quadratic_saved(shape, f, seq_len, s.sp)
+    layer_inputs = shape.layers * tokens * b * h
+    if s.checkpointing == "none":
+        kept, recompute = shape.layers * layer_saved, 0
+    elif s.checkpointing == "full":
+        kept, recompute = layer_inputs, layer_saved
+    else:
+        # inputs live in pinned host memory; two are on the GPU: one being copied, one prefetched
+        kept, recompute = min(2, shape.layers) * tokens * b * h, layer_saved
+        host_rank["offloaded activations"] = layer_inputs
+    gpu["kept activations"] = kept
+    # the final norm's saved input and output, and the hidden states handed to the loss
+    gpu["final hidden states"] = tokens * h * (4 + 2 * b)
+    mask = {"sdpa-mask": 1, "eager": b}.get(f.attention, 0)
+    gpu["attention mask"] = f.micro_batch * seq_len * seq_len * mask
+    gpu["layer working set"] = recompute + layer_transient(shape, f, tokens, s.sp)
+    gpu["loss working set"] = loss_working_set(shape, f, tokens)
+    ranks_here = min(cluster.gpus_per_node, world)
+    host = {name: ranks_here * n for name, n in host_rank.items()}
+    host["processes"] = ranks_here * PROCESS_HOST_BYTES
+    host["model load (every rank, before partitioning)"] = ranks_here * (PROCESS_HOST_BYTES + shape.params * b)
+    return Estimate(seq_len, s, gpu, host, cluster.gpu_mem - GPU_RESERVED_BYTES, cluster.host_mem)
+
+
+def longest_fitting(shape: ModelShape, f: Features, s: Settings, cluster: Cluster,
+                    granule: int = 1024, limit: int = 1 << 24) -> int:
+    """Longest sequence (a multiple of granule and of sp) whose step fits; 0 if none does."""
+    step = granule * s.sp // math.gcd(granule, s.sp)
+    lo, hi = 0, limit // step
+    while lo < hi:  # peak grows with length: bisect on the number of steps
+        mid = (lo + hi + 1) // 2
+        if estimate(shape, f, s, cluster, mid * step).fits:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * step
+
+
+def candidates(shape: ModelShape, cluster: Cluster, fixed: Settings, free: set[str]) -> Iterator[Settings]:
+    """Settings to try, cheapest first: no parameter offload, no optimizer offload, small sp,
+    light checkpointing, low ZeRO stage (each step down that list costs speed)."""
+    stages = (1, 2, 3) if "zero_stage" in free else (fixed.zero_stage,)
+    offloads = ((False, False), (True, False), (True, True)) if "offload" in free else (
+        (fixed.offload_optimizer, fixed.offload_params),)
+    # sp ranks share a node (topology.py): the planner does not choose sp across nodes
+    sps = [d for d in range(1, cluster.gpus_per_node + 1)
+           if cluster.gpus_per_node % d == 0 and shape.heads % d == 0] if "sp" in free else [fixed.sp]
+    policies = CHECKPOINTING_POLICIES if "checkpointing" in free else (fixed.checkpointing,)
+    for (opt, par), sp, policy, stage in itertools.product(offloads, sps, policies, stages):
+        if (par and stage != 3) or (opt and stage == 0):
+            continue
+        yield Settings(stage, opt, par, sp, policy)
+
+
+def choose(shape: ModelShape, f: Features, cluster: Cluster, seq_len: int, fixed: Settings,
+           free: set[str]) -> Optional[Estimate]:
+    """The first candidate whose step fits at seq_len, or None."""
+    for s in candidates(shape, cluster, fixed, free):
+        if seq_len % s.sp == 0 and estimate(shape, f, s, cluster, seq_len).fits:
+            return estimate(shape, f, s, cluster, seq_len)
+    return None
+
+
+def longest_any(shape: ModelShape, f: Features, cluster: Cluster, fixed: Settings,
+                free: set[str]) -> tuple[int, Optional[Settings]]:
+    """The longest sequence any candidate reaches, and the cheapest candidate reaching it."""
+    best, best_settings = 0, None
+    for s in candidates(shape, cluster, fixed, free):
+        n = longest_fitting(shape, f, s, cluster)
+        if n > best:
+            best, best_settings = n, s
+    return best, best_settings
+
+
+ATTENTION_OF_BACKEND = {"auto": "flash", "triton": "flash", "flex": "flash", "sdpa": "sdpa-mask", "eager": "eager"}
+
+
+def from_recipe(recipe: Recipe, on_gpu: bool = True) -> tuple[ModelShape, Features, Settings]:
+    """The planner's view of a recipe. On GPUs auto attention is our flash kernel for packed
+    sequences, and our sdpa backend builds a dense document mask (counted, to be safe)."""
+    shape = ModelShape.from_config_dir(recipe.model.path or recipe.model.config)
+    dtype = recipe.model.dtype if recipe.model.dtype != "auto" else ("bf16" if on_gpu else "fp32")
+    lora = recipe.lora
+    extra = (shape.head_params if lora.train_embeddings else 0) + (
+        (2 * shape.layers + 1) * shape.hidden if lora.train_norms else 0)
+    f = Features(act_bytes=2 if dtype == "bf16" else 4, lora_r=lora.r if lora.enabled else None,
+                 lora_targets=tuple(lora.targets), extra_trainable=extra if lora.enabled else 0,
+                 attention=ATTENTION_OF_BACKEND[recipe.attention.backend], loss="chunked",
+                 loss_chunk_tokens=recipe.train.loss_chunk_tokens, micro_batch=recipe.train.micro_batch_size)
+    p = recipe.parallel
+    policy = "full" if recipe.train.checkpointing == "auto" else recipe.train.checkpointing
+    return shape, f, Settings(p.zero_stage, p.offload_optimizer, p.offload_params, p.sp, policy)
+
+
+def refusal(recipe: Recipe, world: int, gpu_mem: int) -> Optional[str]:
+    """Why the recipe's step cannot fit on GPUs of gpu_mem bytes (with the numbers), or None."""
+    shape, f, s = from_recipe(recipe)
+    cluster = Cluster(nodes=1, gpus_per_node=world, gpu_mem=gpu_mem)
+    est = estimate(shape, f, s, cluster, recipe.data.seq_len)
+    if est.gpu_peak <= est.gpu_limit:
+        return None
+    longest = longest_fitting(shape, f, s, cluster)
+    chosen = choose(shape, f, cluster, recipe.data.seq_len, s, set(SEARCHABLE))
+    instead = f"settings that fit: {chosen.settings.describe()}" if chosen else "no settings fit on these GPUs"
+    return (f"data.seq_len={recipe.data.seq_len}: the planner predicts {est.gpu_peak / GiB:.1f} GiB per GPU, "
+            f"{est.gpu_limit / GiB:.1f} GiB usable of {gpu_mem / GiB:.1f}; longest that fits as written: {longest}; "
+            f"{instead} (`longctx plan` shows the table; --ignore-plan runs anyway)")
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB' -> 80 * 2**30, '80GB' -> 80 * 10**9, '512G' -> GiB (as nvidia-smi and free mean it)."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"{text!r}: not a size such as 80GiB, 80GB or 512G")
+    number, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
+    power = "KMGT".index(unit) + 1 if unit else 0
+    decimal = text.strip().upper().endswith("B") and not binary
+    return int(number * (1000 if decimal else 1024) ** power)
+
+
+def format_table(est: Estimate) -> str:
+    g = est.gpu
+    working = "layer working set" if g["layer working set"] >= g["loss working set"] else "loss working set"
+    lines = [f"per GPU at seq_len {est.seq_len:,} ({est.settings.describe()})"]
+    for name, n in g.items():
+        off_peak = name.endswith("working set") and name != working
+        lines.append(f"  {name:<34}{n / GiB:9.2f} GiB{'   (not at the peak)' if off_peak else ''}")
+    lines.append(f"  {'peak':<34}{est.gpu_peak / GiB:9.2f} GiB   of {est.gpu_limit / GiB:.2f} usable")
+    lines.append("per node, host memory")
+    for name, n in est.host.items():
+        lines.append(f"  {name:<44}{n / GiB:9.2f} GiB")
+    lines.append(f"  {'peak':<44}{est.host_peak / GiB:9.2f} GiB   of {est.host_limit / GiB:.2f}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    from longctx.cli import ArgParser
+
+    p = ArgParser(prog="longctx plan", description="Predict per-GPU and host memory of a recipe; choose settings that fit.")
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("overrides", nargs="*", help="key=value recipe overrides")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=1)
+    p.add_argument("--gpu-mem", default="80GiB", help="memory of one GPU")
+    p.add_argument("--host-mem", default="512GiB", help="host memory of one node")
+    p.add_argument("--free", default=",".join(SEARCHABLE),
+                   help=f"settings the planner may choose, from {','.join(SEARCHABLE)} ('' = none)")
+    p.add_argument("--attention", choices=ATTENTION_KINDS, help="override the attention kind implied by the recipe")
+    p.add_argument("--loss", choices=("chunked", "full"), help="full: (seq x vocab) logits, as plain Hugging Face")
+    p.add_argument("--mlp-tile-tokens", type=int, default=0, help="tiled MLP: tokens per tile (0 = untiled)")
+    p.add_argument("--engine", choices=("deepspeed", "torch"), default="deepspeed",
+                   help="torch: plain optimizer, adapters in fp32 (peft's default), no ZeRO buffers")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    return p.parse_intermixed_args(argv)
+
+
+def plan(recipe: Recipe, cluster: Cluster, f_overrides: dict,
+         free: set[str]) -> tuple[dict, Estimate, Optional[Estimate]]:
+    """Everything `longctx plan` reports as a dict, with the recipe's and the chosen estimates."""
+    shape, f, s = from_recipe(recipe)
+    f = replace(f, **f_overrides)
+    seq = recipe.data.seq_len
+    as_written = estimate(shape, f, s, cluster, seq)
+    chosen = choose(shape, f, cluster, seq, s, free)
+    longest, longest_settings = longest_any(shape, f, cluster, s, free)
+    report = {
+        "model": {**asdict(shape), "params": shape.params, "trainable": trainable_params(shape, f)},
+        "features": asdict(f),
+        "cluster": asdict(cluster),
+        "recipe": as_written.as_dict(),
+        "recipe_longest_seq_len": longest_fitting(shape, f, s, cluster),
+        "chosen": None if chosen is None else chosen.as_dict(),
+        "longest_seq_len": longest,
+        "longest_settings": None if longest_settings is None else asdict(longest_settings),
+    }
+    return report, as_written, chosen
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    try:
+        cluster = Cluster(args.nodes, args.gpus_per_node, parse_bytes(args.gpu_mem), parse_bytes(args.host_mem))
+    except ValueError as e:
+        raise ConfigError(f"longctx plan: {e}") from None
+    recipe = load_recipe(args.recipe, args.overrides)
+    free = {k for k in args.free.split(",") if k}
+    f_overrides = {k: v for k, v in (("attention", args.attention), ("loss", args.loss),
+                                      ("mlp_tile_tokens", args.mlp_tile_tokens or None)) if v is not None}
+    if args.engine == "torch":
+        f_overrides.update(engine="torch", adapter_fp32=True)
+    result, as_written, chosen = plan(recipe, cluster, f_overrides, free)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0 if as_written.fits else 1
+    print(format_table(as_written))
+    verdict = "fits" if as_written.fits else "does NOT fit"
+    print(f"\nthe recipe as written {verdict}; longest sequence with its settings: {result['recipe_longest_seq_len']:,}")
+    if chosen is None:
+        print(f"no setting of {','.join(sorted(free)) or '(none free)'} fits seq_len {recipe.data.seq_len:,}")
+    else:
+        print(f"chosen for seq_len {recipe.data.seq_len:,}: {chosen.settings.describe()} "
+              f"(peak {chosen.gpu_peak / GiB:.1f} GiB)")
+    if result["longest_settings"] is not None:
+        print(f"longest sequence with any of those settings: {result['longest_seq_len']:,} "
+              f"({Settings(**result['longest_settings']).describe()})")
+    return 0 if as_written.fits else 1
+
+
+if __name__ == "__main__":  # `python -m longctx.launcher.plan`, as `longctx plan` runs it
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,160 @@
+"""The memory planner: counts against hand-computed numbers and transformers' own parameter
+counts, the measured plain-Hugging-Face anchor, each feature switch, the search, the CLI,
+the launcher's refusal, and the recipes' planner comments."""
+
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from longctx.config import LORA_TARGETS_ALL, ConfigError, load_recipe
+from longctx.launcher.plan import (
+    GiB, SEARCHABLE, Cluster, Features, ModelShape, Settings, choose, estimate, longest_fitting,
+    loss_working_set, main, model_states, parse_bytes, refusal, saved_per_token,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+# Llama-3.1-8B's published architecture
+LLAMA_8B = ModelShape(hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256)
+ONE_H100 = Cluster(nodes=1, gpus_per_node=1, gpu_mem=80 * GiB, host_mem=125 * GiB)
+# plain Hugging Face: SDPA without a mask (flash), gradient checkpointing, LoRA r=16 on all
+# linears with peft's fp32 adapters, bf16, full logits, torch AdamW
+PLAIN_HF = Features(engine="torch", adapter_fp32=True, loss="full", attention="flash")
+HF_SETTINGS = Settings(zero_stage=0, checkpointing="full")
+
+
+@pytest.mark.parametrize("config_dir", ["longctx/assets/demo-llama", "longctx/assets/llama-3.1-70b"])
+def test_parameter_count_equals_transformers(config_dir):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ROOT / config_dir))
+    assert ModelShape.from_config_dir(ROOT / config_dir).params == sum(p.numel() for p in model.parameters())
+
+
+def test_lora_count_equals_peft_on_the_demo_model():
+    from longctx.model import add_lora, build_model, scaled_config
+
+    recipe = load_recipe(str(ROOT / "recipes/demo-cpu.yaml"), ["lora.enabled=true", "lora.train_embeddings=false",
+                                                               "lora.train_norms=false", "lora.r=8"])
+    config, _ = scaled_config(recipe)
+    model = add_lora(build_model(recipe, config, torch.float32), recipe.lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert ModelShape.from_config_dir(ROOT / "longctx/assets/demo-llama").lora_params(8, tuple(LORA_TARGETS_ALL)) == trainable
+
+
+def test_8b_counts_by_hand():
+    assert LLAMA_8B.params == 8_030_261_248
+    assert LLAMA_8B.lora_params(16, tuple(LORA_TARGETS_ALL)) == 41_943_040  # peft prints this for Llama-3-8B
+    # per token per layer, bf16, LoRA with frozen norms: two norms (fp32 input 4h + bf16 output 2h);
+    # q and k after RoPE, v and the kernel output (2 bytes x 128 x (32 + 8 + 8 + 32)), o_proj's
+    # input (2 x 32 x 128), the fp32 logsumexp (4 x 32); SwiGLU 4 x 2 x 14336; 7 adapters x 2 bytes x r
+    norms = 2 * (4 * 4096 + 2 * 4096)
+    attention = 2 * 128 * (32 + 8 + 8 + 32) + 2 * 32 * 128 + 4 * 32
+    assert saved_per_token(LLAMA_8B, Features()) == norms + attention + 4 * 2 * 14336 + 7 * 16 * 2
+
+
+def test_zero3_full_finetune_states_by_hand():
+    f = Features(lora_r=None)
+    gpu, host = model_states(LLAMA_8B, f, Settings(zero_stage=3), world=8)
+    p, layer, head = LLAMA_8B.params, LLAMA_8B.layer_params, LLAMA_8B.head_params
+    assert gpu["weights"] == p * 2 // 8 + (layer + head) * 2  # shard + one layer gathered + the head prefetched
+    assert gpu["gradients"] == p * 2 // 8 and gpu["optimizer states"] == p * 12 // 8
+    gpu, host = model_states(LLAMA_8B, f, Settings(zero_stage=2, offload_optimizer=True), world=8)
+    assert gpu["weights"] == p * 2 and gpu["optimizer states"] == 0 and gpu["gradients"] == 0
+    assert host["offloaded optimizer"] == p * 12 // 8 + p * 4 // 8  # fp32 master, m, v, and the fp32 gradient
+
+
+def test_loss_and_attention_switches_by_hand():
+    n = 16384
+    assert loss_working_set(LLAMA_8B, PLAIN_HF, n) == n * 128256 * (2 + 12)
+    assert loss_working_set(LLAMA_8B, Features(), n) == 4096 * 128256 * 12
+    sdpa_mask = estimate(LLAMA_8B, Features(attention="sdpa-mask"), Settings(), ONE_H100, n)
+    flash = estimate(LLAMA_8B, Features(), Settings(), ONE_H100, n)
+    assert sdpa_mask.gpu["attention mask"] == n * n
+    assert sdpa_mask.gpu["layer working set"] - flash.gpu["layer working set"] == n * n * 2  # its bf16 bias
+    eager = estimate(LLAMA_8B, Features(attention="eager"), Settings(sp=2), Cluster(gpus_per_node=2), n)
+    flash2 = estimate(LLAMA_8B, Features(), Settings(sp=2), Cluster(gpus_per_node=2), n)
+    assert eager.gpu["layer working set"] - flash2.gpu["layer working set"] == 16 * n * n * (4 + 2)
+
+
+def test_plain_hf_anchor_16k_fits_near_47_gib_and_32k_does_not():
+    """Measured on an H100 80 GB: 16K trains at ~47 GiB peak, 32K runs out of memory."""
+    at_16k = estimate(LLAMA_8B, PLAIN_HF, HF_SETTINGS, ONE_H100, 16384)
+    assert at_16k.fits and abs(at_16k.gpu_peak / GiB - 47) <= 47 * 0.1
+    assert not estimate(LLAMA_8B, PLAIN_HF, HF_SETTINGS, ONE_H100, 32768).fits
+    assert 16384 <= longest_fitting(LLAMA_8B, PLAIN_HF, HF_SETTINGS, ONE_H100) < 32768
+
+
+def test_each_feature_lowers_the_peak_at_long_sequences():
+    seq, s = 65536, Settings(zero_stage=2, checkpointing="full")
+    steps = [PLAIN_HF, replace(PLAIN_HF, loss="chunked"), replace(PLAIN_HF, loss="chunked", adapter_fp32=False,
+                                                                    engine="deepspeed"),
+             Features(mlp_tile_tokens=8192)]
+    peaks = [estimate(LLAMA_8B, f, s, ONE_H100, seq).gpu_peak for f in steps]
+    assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == len(peaks)
+    offload = estimate(LLAMA_8B, steps[-1], replace(s, checkpointing="offload"), ONE_H100, seq)
+    assert offload.gpu_peak < peaks[-1] and offload.host["offloaded activations"] == 32 * seq * 4096 * 2
+
+
+def test_longest_fitting_is_the_boundary():
+    s = Settings(checkpointing="offload")
+    f = Features(mlp_tile_tokens=8192)
+    n = longest_fitting(LLAMA_8B, f, s, ONE_H100)
+    assert n % 1024 == 0 and n > 128 * 1024
+    assert estimate(LLAMA_8B, f, s, ONE_H100, n).fits
+    assert not estimate(LLAMA_8B, f, s, ONE_H100, n + 1024).fits
+
+
+def test_choose_takes_the_cheapest_settings_that_fit():
+    node = Cluster(nodes=1, gpus_per_node=8, gpu_mem=80 * GiB, host_mem=1024 * GiB)
+    short = choose(LLAMA_8B, Features(), node, 8192, Settings(), set(SEARCHABLE))
+    assert short.settings == Settings(zero_stage=1, sp=1, checkpointing="none")
+    long = choose(LLAMA_8B, Features(), node, 1 << 20, Settings(), set(SEARCHABLE))
+    assert long.fits and long.settings.sp > 1
+    # fixed keys stay as given: sp=1 at 1M tokens cannot fit on one 80 GB GPU without offloading
+    assert choose(LLAMA_8B, Features(), node, 1 << 20, Settings(sp=1), {"zero_stage", "checkpointing"}) is None
+
+
+def test_parse_bytes():
+    assert parse_bytes("80GiB") == 80 * 2**30 and parse_bytes("80GB") == 80 * 10**9
+    assert parse_bytes("512G") == 512 * 2**30 and parse_bytes("2TiB") == 2 * 2**40
+    with pytest.raises(ValueError, match="not a size"):
+        parse_bytes("lots")
+
+
+def test_cli_json_and_table(capsys):
+    demo = str(ROOT / "recipes/demo-cpu.yaml")
+    assert main([demo, "--json", "--gpu-mem", "16GiB", "data.seq_len=4096"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["recipe"]["fits"] and out["recipe"]["seq_len"] == 4096
+    assert out["recipe_longest_seq_len"] >= 4096 and out["chosen"]["fits"]
+    assert main([demo, "--gpu-mem", "1GiB", "--free", "", "data.seq_len=131072", "--loss", "full"]) == 1
+    table = capsys.readouterr().out
+    assert "does NOT fit" in table and "loss working set" in table and "no setting of (none free)" in table
+    with pytest.raises(ConfigError, match="parallel.sp=2: must divide the 1 ranks"):
+        main([demo, "parallel.sp=2"])
+
+
+def test_refusal_names_the_numbers_and_passes_what_fits():
+    demo = str(ROOT / "recipes/demo-cpu.yaml")
+    assert refusal(load_recipe(demo, []), world=2, gpu_mem=80 * GiB) is None
+    reason = refusal(load_recipe(demo, ["data.seq_len=1048576"]), world=1, gpu_mem=8 * GiB)
+    assert re.search(r"predicts [0-9.]+ GiB per GPU, [0-9.]+ GiB usable of 8.0; longest that fits as written: \d+", reason)
+
+
+@pytest.mark.parametrize("name", ["llama3-8b-1node", "llama3-70b-multinode"])
+def test_recipe_comment_states_the_planner_prediction(name, capsys):
+    path = ROOT / "recipes" / f"{name}.yaml"
+    text = path.read_text()
+    if not (ROOT / re.search(r"config: (\S+)", text).group(1) / "config.json").exists():
+        pytest.skip("the model config asset is not in this tree yet")
+    flags, peak, longest = re.search(r"# planner \(([^)]*)\): peak ([0-9.]+) GiB per GPU; "
+                                     r"longest sequence with these settings ([0-9,]+)", text).groups()
+    assert main([str(path), "--json", *flags.split()]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["recipe"]["gpu_peak_gib"] == pytest.approx(float(peak), abs=0.05)
+    assert out["recipe_longest_seq_len"] == int(longest.replace(",", ""))
