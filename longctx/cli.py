@@ -15,6 +15,7 @@ from longctx.config import ConfigError
 
 COMMANDS = {
     "train": ("longctx.launcher.run", "train a recipe (one process; use `deepspeed launcher/run.py` for many)"),
+    "plan": ("longctx.launcher.plan", "per-GPU and host memory of a recipe: fits?, longest sequence, settings that fit"),
     "keys": ("longctx.keys", "list every recipe key with its default and meaning"),
     "rope": ("longctx.rope_cli", "show a model's RoPE setup, or write a RoPE-scaled copy"),
     "eval": ("longctx.evaluation.cli", "ppl | needle | middle: long-context evaluation"),
