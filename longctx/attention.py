@@ -1,15 +1,19 @@
 """The attention our patched models call, registered through transformers' attention interface.
 
-Packed documents are read from `position_ids`: a position 0 starts a document, and no token
-attends across a document boundary. Our mask function builds no mask, so transformers never
-materialises (seq x seq); each backend enforces documents itself:
+Packed documents are read from `position_ids`: a position 0 starts a document (so does each
+row), and no token attends across a document boundary. A caller that already knows the
+boundaries (sequence parallelism, a flattening collator) may pass transformers' own
+`cu_seq_lens_q` / `max_length_q` keywords instead. Our mask function builds no mask, so
+transformers never materialises (seq x seq); each backend keeps documents apart itself:
 
     triton  our flash attention (kernels/flash_attn.py), varlen over the documents
-    sdpa    torch scaled_dot_product_attention; packed batches use a dense document mask
-    flex    torch FlexAttention with a document block mask
+    sdpa    torch scaled_dot_product_attention, one call per document when packed
+            (block-diagonal: exact, memory linear in the sequence)
+    flex    torch FlexAttention with a document block mask (compiled on CUDA; on CPU torch
+            runs it unfused and has no backward)
     eager   the plain-torch reference (explicit mask), for tests
-    auto    per call: triton for packed batches on CUDA, sdpa for a single document per row
-            (torch picks cuDNN/flash there); sdpa on CPU. The choice is logged once.
+    auto    per call: on CUDA, triton for packed batches and sdpa with cuDNN first for one
+            document per row; on CPU, sdpa (per document when packed). Each choice is logged once.
 
 These backends are for training on packed, unpadded sequences: a padding mask is refused.
 """
@@ -18,78 +22,113 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from longctx.kernels.flash_attn import flash_attn_varlen_func, reference_attention
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "sdpa", "flex", "eager")
+# What auto asks of SDPA for one document per row on CUDA: cuDNN measured fastest on H100, also
+# with GQA (BENCHMARKS.md); torch takes the next in line where cuDNN refuses a shape. The math
+# backend is left out on purpose: it builds (seq x seq), so a shape no fused kernel takes raises.
+AUTO_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
 
 @dataclass
 class Documents:
     """Document boundaries of a (batch, seq) block flattened to batch * seq tokens."""
 
-    cu_seqlens: torch.Tensor  # int32 [n_docs + 1]
-    max_len: int
-    ids: torch.Tensor  # document index of every token, [batch * seq]
+    cu_seqlens: torch.Tensor  # int32 [n_docs + 1], on the tokens' device
+    lengths: list[int]  # on the host: the per-document backends slice by them
 
     @property
     def count(self) -> int:
-        return self.cu_seqlens.numel() - 1
+        return len(self.lengths)
+
+    @property
+    def max_len(self) -> int:
+        return max(self.lengths)
+
+    def repeated(self, rows: int) -> Documents:
+        """The same documents in each of `rows` rows (position_ids broadcast over the batch)."""
+        lengths = self.lengths * rows
+        cu = torch.tensor([0] + lengths, device=self.cu_seqlens.device).cumsum(0).to(torch.int32)
+        return Documents(cu, lengths)
+
+    def ids(self) -> torch.Tensor:
+        """Document index of every token, [batch * seq]."""
+        counts = torch.tensor(self.lengths, device=self.cu_seqlens.device)
+        return torch.repeat_interleave(torch.arange(self.count, device=counts.device), counts)
 
 
-_last: tuple[torch.Tensor, Documents] | None = None
+def documents_from_cu_seqlens(cu_seqlens: torch.Tensor) -> Documents:
+    cu = cu_seqlens.to(torch.int32)
+    return Documents(cu, (cu[1:] - cu[:-1]).tolist())
+
+
+# Every layer of one forward (and its checkpointed recompute) asks about the same position_ids
+# tensor: the answer is kept for that tensor, at that version, so the host sync happens once.
+_memo: tuple[torch.Tensor, int, Documents] | None = None
 
 
 def documents(position_ids: torch.Tensor) -> Documents:
-    """Documents of a packed batch; every layer of one forward shares the answer."""
-    global _last
-    if _last is not None and _last[0] is position_ids:
-        return _last[1]
+    """Documents of a packed batch: a document starts at each position 0 and at each row start."""
+    global _memo
+    if _memo is not None and _memo[0] is position_ids and _memo[1] == position_ids._version:
+        return _memo[2]
     flat = position_ids.reshape(-1)
     starts = flat == 0
-    starts[:: position_ids.shape[-1]] = True  # each row starts a document
+    starts[:: position_ids.shape[-1]] = True
     begin = torch.nonzero(starts).flatten()
-    cu = torch.cat([begin, begin.new_tensor([flat.numel()])]).to(torch.int32)
-    docs = Documents(cu, int((cu[1:] - cu[:-1]).max()), torch.cumsum(starts.int(), 0) - 1)
-    _last = (position_ids, docs)
+    docs = documents_from_cu_seqlens(torch.cat([begin, begin.new_tensor([flat.numel()])]))
+    _memo = (position_ids, position_ids._version, docs)
     return docs
 
 
 def _triton(q, k, v, docs: Documents | None, scale: float) -> torch.Tensor:
     b, s, h, d = q.shape
-    if docs is None:  # one sequence per row (or a decode step against a cache)
+    t = k.shape[1]
+    if docs is None:  # one sequence per row (or queries against a longer cache)
         cu_q = torch.arange(0, (b + 1) * s, s, device=q.device, dtype=torch.int32)
-        cu_k = torch.arange(0, (b + 1) * k.shape[1], k.shape[1], device=q.device, dtype=torch.int32)
-        out = flash_attn_varlen_func(q.reshape(b * s, h, d), k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, s, k.shape[1],
-                                     causal=True, softmax_scale=scale)
+        cu_k = torch.arange(0, (b + 1) * t, t, device=q.device, dtype=torch.int32)
+        max_q, max_k = s, t
     else:
-        out = flash_attn_varlen_func(q.reshape(b * s, h, d), k.flatten(0, 1), v.flatten(0, 1), docs.cu_seqlens,
-                                     docs.cu_seqlens, docs.max_len, docs.max_len, causal=True, softmax_scale=scale)
+        cu_q = cu_k = docs.cu_seqlens
+        max_q = max_k = docs.max_len
+    out = flash_attn_varlen_func(q.reshape(b * s, h, d), k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, max_q, max_k,
+                                 causal=True, softmax_scale=scale)
     return out.view(b, s, h, d)
 
 
-def _document_mask(docs: Documents, b: int, s: int) -> torch.Tensor:
-    ids = docs.ids.view(b, s)
-    pos = torch.arange(s, device=ids.device)
-    return (ids[:, :, None] == ids[:, None, :]) & (pos[:, None] >= pos[None, :])[None]
+def _sdpa_causal(q, k, v, scale: float) -> torch.Tensor:
+    """(batch, heads, seq, dim); the last query sees the last key, as in our kernel."""
+    s, t = q.shape[-2], k.shape[-2]
+    gqa = q.shape[1] != k.shape[1]
+    if s == t:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    mask = None if s == 1 else causal_lower_right(s, t)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 def _sdpa(q, k, v, docs: Documents | None, scale: float) -> torch.Tensor:
-    b, s = q.shape[:2]
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    gqa = qt.shape[1] != kt.shape[1]
     if docs is None:
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=s == k.shape[1], scale=scale, enable_gqa=gqa)
-    else:
-        mask = _document_mask(docs, b, s)[:, None]
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return out.transpose(1, 2)
+        return _sdpa_causal(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale).transpose(1, 2)
+    b, s, h, d = q.shape
+    qf, kf, vf = q.reshape(b * s, h, d), k.flatten(0, 1), v.flatten(0, 1)
+    outs, start = [], 0
+    for n in docs.lengths:  # documents never cross rows, so the flat slices are whole documents
+        sl = slice(start, start + n)
+        outs.append(_sdpa_causal(qf[sl].transpose(0, 1)[None], kf[sl].transpose(0, 1)[None],
+                                 vf[sl].transpose(0, 1)[None], scale)[0].transpose(0, 1))
+        start += n
+    return torch.cat(outs).view(b, s, h, d)
 
 
 @functools.cache
@@ -103,7 +142,9 @@ def _flex(q, k, v, docs: Documents | None, scale: float) -> torch.Tensor:
     from torch.nn.attention.flex_attention import create_block_mask
 
     b, s = q.shape[:2]
-    ids = (docs.ids if docs is not None else torch.arange(b, device=q.device).repeat_interleave(s)).view(b, s)
+    if k.shape[1] != s:
+        raise ValueError("attention.backend=flex runs training-shaped calls only (as many keys as queries)")
+    ids = (docs.ids() if docs is not None else torch.arange(b, device=q.device).repeat_interleave(s)).view(b, s)
 
     def document_causal(batch, head, qi, ki):
         return (ids[batch, qi] == ids[batch, ki]) & (qi >= ki)
@@ -117,32 +158,52 @@ def _flex(q, k, v, docs: Documents | None, scale: float) -> torch.Tensor:
 def _eager(q, k, v, docs: Documents | None, scale: float) -> torch.Tensor:
     b, s, h, d = q.shape
     if docs is None:
-        cu = torch.arange(0, (b + 1) * s, s, device=q.device)
+        cu_q = torch.arange(0, (b + 1) * s, s, device=q.device)
         cu_k = torch.arange(0, (b + 1) * k.shape[1], k.shape[1], device=q.device)
     else:
-        cu = cu_k = docs.cu_seqlens
-    out = reference_attention(q.reshape(b * s, h, d), k.flatten(0, 1), v.flatten(0, 1), cu, cu_k, True, scale)
+        cu_q = cu_k = docs.cu_seqlens
+    out = reference_attention(q.reshape(b * s, h, d), k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, True, scale)
     return out.view(b, s, h, d)
+
+
+def _auto_sdpa(q, k, v, docs: Documents | None, scale: float) -> torch.Tensor:
+    with sdpa_kernel(AUTO_SDPA_ORDER, set_priority=True):
+        return _sdpa(q, k, v, docs, scale)
 
 
 KERNELS = {"triton": _triton, "sdpa": _sdpa, "flex": _flex, "eager": _eager}
 
 
+def auto_choice(device: torch.device, packed: bool) -> str:
+    """The backend auto runs for a batch on `device`; packed: several documents in a row."""
+    if device.type == "cuda":
+        return "triton" if packed else "sdpa (cuDNN first)"
+    return "sdpa per document" if packed else "sdpa"
+
+
 @functools.cache
-def _log_auto_choice(device_type: str, packed: bool, choice: str) -> None:
-    log.info("attention auto: %s for %s batches on %s", choice, "packed" if packed else "unpacked", device_type)
+def log_auto_choice(device_type: str, packed: bool) -> None:
+    """One log line per (device, packed) for the whole process; cache_clear() to hear it again."""
+    kind = "packed documents" if packed else "one document per row"
+    log.info("attention.backend=auto: %s for %s on %s", auto_choice(torch.device(device_type), packed), kind,
+             device_type)
 
 
 def _auto(q, k, v, docs: Documents | None, scale: float) -> torch.Tensor:
     packed = docs is not None
-    choice = "triton" if q.is_cuda and packed else "sdpa"
-    _log_auto_choice(q.device.type, packed, choice)
-    return KERNELS[choice](q, k, v, docs, scale)
+    log_auto_choice(q.device.type, packed)
+    if q.is_cuda:
+        return _triton(q, k, v, docs, scale) if packed else _auto_sdpa(q, k, v, docs, scale)
+    return _sdpa(q, k, v, docs, scale)
 
 
-def attention_forward(backend: str, module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                      position_ids=None, **kwargs):
-    """transformers' attention signature: q/k/v (batch, heads, seq, dim) -> ((batch, seq, heads, dim), None)."""
+def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None,
+                      cu_seq_lens_q=None, backend: str = "auto", **kwargs):
+    """transformers' attention signature: q/k/v (batch, heads, seq, dim) -> ((batch, seq, heads, dim), None).
+
+    Documents come from `cu_seq_lens_q` (cumulative lengths over the flattened batch) when given,
+    else from `position_ids`; with neither, each row is one sequence.
+    """
     if attention_mask is not None:
         raise ValueError("longctx attention takes no attention mask: pack documents (position_ids restart at 0) "
                          "instead of padding them")
@@ -151,9 +212,15 @@ def attention_forward(backend: str, module, query, key, value, attention_mask, s
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     docs = None
-    if position_ids is not None and q.shape[1] == k.shape[1]:
-        found = documents(position_ids)
-        docs = found if found.count > q.shape[0] else None  # one document per row needs no document mask
+    if q.shape[1] == k.shape[1]:  # with a cache (queries shorter than keys) there is one document per row
+        if cu_seq_lens_q is not None:
+            docs = documents_from_cu_seqlens(cu_seq_lens_q)
+        elif position_ids is not None:
+            docs = documents(position_ids)
+            if position_ids.shape[0] != q.shape[0]:
+                docs = docs.repeated(q.shape[0] // position_ids.shape[0])
+        if docs is not None and docs.count <= q.shape[0]:
+            docs = None  # one document per row needs no document mask
     run = _auto if backend == "auto" else KERNELS[backend]
     return run(q, k, v, docs, scale), None
 
@@ -165,14 +232,29 @@ def no_mask(*args, attention_mask=None, **kwargs) -> None:
     return None
 
 
-def attention_implementation(backend: str) -> str:
-    """Register `longctx_<backend>` with transformers and return the name for set_attn_implementation."""
+def _refuse_unsupported(backend: str, device: torch.device) -> None:
+    if device.type == "cuda":
+        return
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"attention.backend=triton needs a CUDA GPU (device is {device}); on CPU use auto or sdpa "
+                         "(TRITON_INTERPRET=1 runs the kernels in Triton's interpreter, for tests)")
+    if device.type != "cpu" and backend != "eager":
+        raise ValueError(f"attention.backend={backend}: no backend but eager is built for device {device}")
+
+
+def attention_implementation(backend: str, device: torch.device | str | None = None) -> str:
+    """Register `longctx_<backend>` with transformers and return the name for set_attn_implementation.
+
+    With `device`, a backend that cannot run there is refused now, before any model is built.
+    """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     if backend not in BACKENDS:
         raise ValueError(f"attention.backend={backend!r}: must be one of {'|'.join(BACKENDS)}")
+    if device is not None:
+        _refuse_unsupported(backend, torch.device(device))
     name = f"longctx_{backend}"
-    AttentionInterface.register(name, functools.partial(attention_forward, backend))
+    AttentionInterface.register(name, functools.partial(attention_forward, backend=backend))
     AttentionMaskInterface.register(name, no_mask)
     return name

@@ -1,15 +1,17 @@
 """Every attention backend keeps documents apart: a packed batch trains like its documents run one by one."""
 
+import logging
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from longctx.attention import attention_implementation, documents
+from longctx.attention import attention_forward, attention_implementation, documents, log_auto_choice
 from longctx.loss import causal_lm_loss
 
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = 1e-4 if DEVICE == "cuda" else 1e-5  # fp32 throughout; GPU kernels sum in another order
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+TOL = 1e-4 if CUDA else 1e-5  # fp32 throughout; GPU kernels sum in another order
 
 
 def tiny_llama() -> LlamaForCausalLM:
@@ -32,14 +34,20 @@ def loss_and_grads(model, ids, positions, labels):
     return loss_sum.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
+def random_qkv(batch: int, seq_q: int, seq_k: int, seed: int):
+    """q, k, v in transformers' layout (batch, heads, seq, dim): 4 query heads, 2 kv heads."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, h, n, 16, generator=gen).to(DEVICE) for h, n in ((4, seq_q), (2, seq_k), (2, seq_k))]
+
+
 # FlexAttention has no backward on CPU: its gradients are checked in the GPU tests
-BACKENDS = ["triton", "sdpa", "eager", "auto"] + (["flex"] if torch.cuda.is_available() else [])
+BACKENDS = ["triton", "sdpa", "eager", "auto"] + (["flex"] if CUDA else [])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_packed_documents_equal_documents_one_by_one(backend):
     model = tiny_llama()
-    model.set_attn_implementation(attention_implementation(backend))
+    model.set_attn_implementation(attention_implementation(backend, torch.device(DEVICE)))
     lengths = [1, 13, 7, 20]  # includes a length-1 document
     docs = [torch.randint(0, 97, (1, n), generator=torch.Generator().manual_seed(n)).to(DEVICE) for n in lengths]
     ids = torch.cat(docs, 1)
@@ -62,20 +70,63 @@ def test_packed_documents_equal_documents_one_by_one(backend):
     assert (whole - packed_loss).abs() > 1e-3
 
 
-def test_unpacked_batch_matches_transformers_sdpa():
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_unpacked_batch_matches_transformers_sdpa(backend):
     model = tiny_llama()
     ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     with torch.no_grad():
         expected = model(ids).logits
-        model.set_attn_implementation(attention_implementation("triton"))
+        model.set_attn_implementation(attention_implementation(backend))
         torch.testing.assert_close(model(ids).logits, expected, rtol=10 * TOL, atol=10 * TOL)
 
 
 def test_documents_from_positions():
     positions = torch.tensor([[0, 1, 2, 0, 0, 1], [3, 4, 0, 1, 2, 3]])  # row 2 continues a document
     docs = documents(positions)
-    assert docs.cu_seqlens.tolist() == [0, 3, 4, 6, 8, 12] and docs.max_len == 4
-    assert docs.ids.tolist() == [0, 0, 0, 1, 2, 2, 3, 3, 4, 4, 4, 4]
+    assert docs.cu_seqlens.tolist() == [0, 3, 4, 6, 8, 12] and docs.lengths == [3, 1, 2, 2, 4]
+    assert docs.ids().tolist() == [0, 0, 0, 1, 2, 2, 3, 3, 4, 4, 4, 4]
+    positions[0, 1] = 0  # changed in place between two forwards: the boundaries are read again
+    assert documents(positions).lengths == [1, 2, 1, 2, 2, 4]
+
+
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "eager"])
+def test_document_sources_agree_cu_seqlens_positions_and_broadcast_positions(backend):
+    q, k, v = random_qkv(2, 9, 9, seed=1)
+    row = torch.tensor([[0, 1, 2, 3, 0, 1, 0, 1, 2]], device=DEVICE)
+    cu = torch.tensor([0, 4, 6, 9, 13, 15, 18], dtype=torch.int32, device=DEVICE)
+    outs = [attention_forward(None, q, k, v, None, position_ids=row.expand(2, -1).clone(), backend=backend)[0],
+            attention_forward(None, q, k, v, None, position_ids=row, backend=backend)[0],
+            attention_forward(None, q, k, v, None, cu_seq_lens_q=cu, backend=backend)[0]]
+    # document by document, each as its own sequence
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        b, s = divmod(start, 9)
+        n = end - start
+        alone = attention_forward(None, q[b:b + 1, :, s:s + n], k[b:b + 1, :, s:s + n], v[b:b + 1, :, s:s + n], None,
+                                  backend="eager")[0]
+        for out in outs:
+            torch.testing.assert_close(out[b:b + 1, s:s + n], alone, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "auto"])
+def test_queries_against_a_longer_cache_align_the_last_query_with_the_last_key(backend):
+    q, k, v = random_qkv(2, 3, 7, seed=2)
+    positions = torch.arange(4, 7, device=DEVICE).expand(2, -1)
+    expected = attention_forward(None, q, k, v, None, position_ids=positions, backend="eager")[0]
+    got = attention_forward(None, q, k, v, None, position_ids=positions, backend=backend)[0]
+    torch.testing.assert_close(got, expected, rtol=TOL, atol=TOL)
+
+
+def test_auto_logs_each_choice_once(caplog):
+    log_auto_choice.cache_clear()  # earlier tests may have heard it already
+    q, k, v = random_qkv(1, 6, 6, seed=3)
+    packed = torch.tensor([[0, 1, 2, 0, 1, 2]], device=DEVICE)
+    with caplog.at_level(logging.INFO, logger="longctx.attention"):
+        for _ in range(2):
+            attention_forward(None, q, k, v, None, position_ids=packed, backend="auto")
+            attention_forward(None, q, k, v, None, position_ids=torch.arange(6, device=DEVICE)[None], backend="auto")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "packed documents" in lines[0] and "one document per row" in lines[1]
+    assert ("triton" if CUDA else "sdpa per document") in lines[0]
 
 
 def test_flex_forward_keeps_documents_apart():
@@ -100,3 +151,10 @@ def test_padding_masks_and_unknown_backends_are_refused():
         model(ids, attention_mask=mask)
     with pytest.raises(ValueError, match="attention.backend='fast'"):
         attention_implementation("fast")
+
+
+def test_triton_without_a_gpu_or_the_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="attention.backend=triton needs a CUDA GPU"):
+        attention_implementation("triton", torch.device("cpu"))
+    assert attention_implementation("auto", torch.device("cpu")) == "longctx_auto"
