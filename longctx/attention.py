@@ -189,12 +189,13 @@ def log_auto_choice(device_type: str, packed: bool) -> None:
              device_type)
 
 
+AUTO_RUNS = {"triton": _triton, "sdpa (cuDNN first)": _auto_sdpa, "sdpa per document": _sdpa, "sdpa": _sdpa}
+
+
 def _auto(q, k, v, docs: Documents | None, scale: float) -> torch.Tensor:
     packed = docs is not None
     log_auto_choice(q.device.type, packed)
-    if q.is_cuda:
-        return _triton(q, k, v, docs, scale) if packed else _auto_sdpa(q, k, v, docs, scale)
-    return _sdpa(q, k, v, docs, scale)
+    return AUTO_RUNS[auto_choice(q.device, packed)](q, k, v, docs, scale)
 
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None,
