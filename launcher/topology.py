@@ -2,16 +2,22 @@
 
 Ranks of one sequence-parallel group are contiguous (rank = dp_rank * sp + sp_rank), so with
 ranks numbered node by node they share a node and its fast links; data parallelism spans
-nodes.
+nodes. With sp > 1 the groups are DeepSpeed's own (`parallel_state_sp`, which lays ranks out
+the same way): its engine reads them through `mpu` to partition ZeRO state over all dp x sp
+ranks and to reduce gradients over them averaging by dp only, so the gradients of one
+sequence are summed over its sp ranks.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -21,7 +27,7 @@ class Topology:
     local_rank: int
     sp_size: int
     device: torch.device
-    dp_group: object = None  # None = the whole world (sp == 1)
+    sp_group: object = None  # the ranks that share this rank's sequences; None while sp == 1
 
     @property
     def dp_size(self) -> int:
@@ -35,16 +41,34 @@ class Topology:
     def sp_rank(self) -> int:
         return self.rank % self.sp_size
 
-    def all_reduce_dp(self, tensor: torch.Tensor) -> None:
-        dist.all_reduce(tensor, group=self.dp_group)
+    def all_reduce_world(self, tensor: torch.Tensor) -> None:
+        """Sum over every rank: each holds distinct tokens (other sequences across dp, other shards across sp)."""
+        dist.all_reduce(tensor)
 
     def mpu(self):
-        """What DeepSpeed needs to reduce over dp only; None while every rank is data parallel."""
-        return None
+        """DeepSpeed's sequence-parallel state for its engine; None while every rank is data parallel."""
+        if self.sp_size == 1:
+            return None
+        from deepspeed.runtime.sequence_parallel import parallel_state_sp
+
+        return parallel_state_sp
+
+
+def nodes_per_sp_group(local_ranks: list[int], sp: int) -> int:
+    """How many nodes the widest sp group touches, from every rank's LOCAL_RANK in rank order.
+
+    A node starts where LOCAL_RANK is 0, which holds for every launcher that numbers ranks node
+    by node (deepspeed, torchrun, srun, mpirun), even when the "nodes" share one host.
+    """
+    node_of, node = [], -1
+    for local_rank in local_ranks:
+        node += local_rank == 0
+        node_of.append(node)
+    return max(len(set(node_of[g : g + sp])) for g in range(0, len(node_of), sp))
 
 
 def init_topology(sp: int) -> Topology:
-    """Start the process group (DeepSpeed's comm backend: NCCL on GPUs, gloo on CPU)."""
+    """Start the process group (DeepSpeed's comm backend: NCCL on GPUs, gloo on CPU) and the sp groups."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -59,4 +83,15 @@ def init_topology(sp: int) -> Topology:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    return Topology(rank=rank, world_size=world, local_rank=local_rank, sp_size=sp, device=device)
+    topo = Topology(rank=rank, world_size=world, local_rank=local_rank, sp_size=sp, device=device)
+    if sp > 1:
+        from deepspeed.runtime.sequence_parallel import parallel_state_sp
+
+        parallel_state_sp.initialize_sequence_parallel(sp)  # every rank builds every group, in one order
+        topo.sp_group = parallel_state_sp.get_sequence_parallel_group()
+        local_ranks: list = [None] * world
+        dist.all_gather_object(local_ranks, local_rank)
+        nodes = nodes_per_sp_group(local_ranks, sp)
+        where = "within one node" if nodes == 1 else f"spanning {nodes} nodes (its all-to-all crosses the network)"
+        log.info("sequence parallel: dp=%d x sp=%d, each sp group of consecutive ranks %s", world // sp, sp, where)
+    return topo

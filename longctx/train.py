@@ -2,7 +2,8 @@
 
 The loop does not know how attention, RoPE or checkpointing work: the model arrives patched.
 The loss of a step is the mean over every predicted token of the step (all micro-batches,
-all data-parallel ranks), so gradient accumulation and world size do not change it.
+all data-parallel ranks, all sequence-parallel shards), so gradient accumulation, world size
+and sp do not change it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from longctx import checkpoint, export
+from longctx import checkpoint, export, sequence_parallel
 from longctx.config import Recipe, to_yaml
 from longctx.data import Packed, WindowSampler, build_packed
 from longctx.launcher.dsconfig import build_ds_config, check_ds_config
@@ -119,6 +120,8 @@ def train(recipe: Recipe, topo: Topology, run_dir: Path) -> dict:
     tokenizer = load_tokenizer(recipe)
     packed = build_data(recipe, tokenizer, topo, run_dir)
     model, record = load_model(recipe, device)
+    if topo.sp_size > 1:
+        record["changes"].append(sequence_parallel.use_ulysses(model, topo.sp_group, t.micro_batch_size))
     bf16 = next(model.parameters()).dtype == torch.bfloat16
     ds_config = build_ds_config(recipe, bf16=bf16)
     check_ds_config(ds_config)
@@ -153,19 +156,21 @@ def train(recipe: Recipe, topo: Topology, run_dir: Path) -> dict:
     step, status, last_saved = start, "finished", None
     while step < t.max_steps:
         began = time.perf_counter()
-        batches = [micro_batch(packed, sampler.indices(step, m, topo.dp_rank), device) for m in range(t.grad_accum)]
+        # every rank of an sp group reads the same windows and keeps its shard of them
+        batches = [sequence_parallel.shard_batch(micro_batch(packed, sampler.indices(step, m, topo.dp_rank), device),
+                                                 topo.sp_rank, topo.sp_size) for m in range(t.grad_accum)]
         counts = torch.tensor([float(sum(int((b["labels"] != -100).sum()) for b in batches))], device=device)
-        topo.all_reduce_dp(counts)
+        topo.all_reduce_world(counts)
         n_total = counts.item()
         lr = engine.get_lr()[0]
         loss_total = torch.zeros((), device=device)
         for batch in batches:
             loss_sum, _ = engine(**batch)
-            # DeepSpeed divides by accumulation steps and averages over data-parallel ranks
+            # DeepSpeed divides by accumulation steps and averages over data-parallel ranks (sums over sp)
             engine.backward(loss_sum * (t.grad_accum * topo.dp_size / max(n_total, 1.0)))
             engine.step()
             loss_total += loss_sum.detach().float()
-        topo.all_reduce_dp(loss_total)
+        topo.all_reduce_world(loss_total)
         loss = loss_total.item() / max(n_total, 1.0)  # .item() waits for the device: time after it
         step += 1
         elapsed = time.perf_counter() - began
