@@ -44,12 +44,9 @@ def single_process_env() -> None:
 
 
 def check_world(recipe: Recipe) -> None:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    sp = recipe.parallel.sp
-    if sp > 1:
-        raise ConfigError(f"parallel.sp={sp}: sequence parallelism is not available in this version; allowed: 1")
-    if world % sp:
-        raise ConfigError(f"parallel.sp={sp}: must divide the number of ranks ({world})")
+    from longctx.sequence_parallel import check_recipe
+
+    check_recipe(recipe, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def gpu_memory() -> int | None:
