@@ -7,8 +7,11 @@ poison the next):
     ds       DeepSpeed components: SDPA with cuDNN first, DeepSpeed TiledMLP and TiledFusedLogitsLoss,
              Hugging Face checkpointing
     ds-cpu   ds + torch.autograd.graph.save_on_cpu(pin_memory=True)
-    longctx  ours: checkpointing with layer inputs in pinned host memory (longctx.checkpointing),
-             chunked loss (longctx.loss), tiled MLP from 32K (longctx.tiled_mlp); SDPA as in ds
+    longctx  ours, as the recipe llama3-8b-lora-1gpu sets it up: the checkpointing layout the planner
+             picks (layers not checkpointed, inputs on the GPU or in pinned host memory:
+             longctx.checkpointing), chunked loss (longctx.loss), tiled MLP from 32K
+             (longctx.tiled_mlp), fused RoPE (kernels/rope.py), our auto attention (SDPA with cuDNN
+             first for one document per row)
 
 Weights are random (built directly on the GPU in bf16); adapters are bf16 in every stack.
 A step is forward + backward + AdamW on the adapters. Model TFLOP/s counts 3x the forward
@@ -16,7 +19,6 @@ FLOPs (linear layers, lm_head and causal attention), recompute not counted, for 
 
     python bench/single_gpu.py --runs longctx:16k,hf:16k,ds:16k,longctx:256k --out $OUT/single_gpu.json
 
-Needs no omegaconf: only longctx's model-side modules are imported.
 """
 
 from __future__ import annotations
@@ -32,16 +34,14 @@ import threading
 import time
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "longctx" / "assets" / "llama-3.1-8b"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "longctx" / "assets" / "llama-3.1-8b"
+RECIPE = ROOT / "recipes" / "llama3-8b-lora-1gpu.yaml"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STACKS = ("hf", "ds", "ds-cpu", "longctx")
 TILE_TOKENS = 4096  # DeepSpeed's recommendation for TiledMLP shards (one hidden size) and our loss chunk
 WARMUP_TOKENS = 1024
 GiB = 2**30
-# longctx's choice of layers kept on the GPU: what is free after the weights, less this
-# working set per token (one layer recomputed and differentiated) and a margin, holds inputs.
-WORKING_BYTES_PER_TOKEN = 200 * 1024
-MARGIN_BYTES = 8 * GiB
 
 
 def parse_tokens(text: str) -> int:
@@ -95,32 +95,27 @@ def build(stack: str, seq_len: int):
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    record = {}
+    if stack == "longctx":
+        from longctx.config import load_recipe
+        from longctx.model import patch_model
+
+        # what `launcher/run.py --config recipes/llama3-8b-lora-1gpu.yaml data.seq_len=N` does to the model
+        # before LoRA: our attention, fused RoPE, the checkpointing layout the planner picks, tiled MLP
+        recipe = load_recipe(str(RECIPE), [f"data.seq_len={seq_len}"])
+        t0 = time.perf_counter()
+        record["changes"] = patch_model(model, recipe, torch.device("cuda"), world=1)
+        record["patch_s"] = round(time.perf_counter() - t0, 1)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS),
                            autocast_adapter_dtype=False)
     model.train()
-    record = {}
     if stack in ("hf", "ds", "ds-cpu"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if stack in ("ds", "ds-cpu", "longctx"):
-        from longctx.tiled_mlp import apply_tiled_mlp, use_tiled_mlp
+    if stack in ("ds", "ds-cpu"):
+        from longctx.tiled_mlp import apply_tiled_mlp
 
-        if stack != "longctx" or use_tiled_mlp("auto", seq_len):
-            apply_tiled_mlp(model, TILE_TOKENS)
-            record["tiled_mlp"] = TILE_TOKENS
-    if stack == "longctx":
-        from longctx.checkpointing import apply_checkpointing, choose_checkpointing, offload_host_bytes, require_host_memory
-
-        free = torch.cuda.mem_get_info()[0]
-        policy, gpu_layers = choose_checkpointing(config, "auto", seq_len, 1,
-                                                  free - seq_len * WORKING_BYTES_PER_TOKEN - MARGIN_BYTES)
-        if policy == "offload":
-            require_host_memory(offload_host_bytes(config, seq_len, 1, gpu_layers))
-        handle = apply_checkpointing(model, policy, gpu_layers)
-        t0 = time.perf_counter()
-        if handle.offloader is not None:
-            handle.offloader.reserve((1, seq_len, config.hidden_size), torch.bfloat16, torch.device("cuda"))
-        record.update(checkpointing=policy, gpu_layers=gpu_layers, pinned_gib=round(
-            (handle.offloader.host_bytes if handle.offloader else 0) / GiB, 2), pin_s=round(time.perf_counter() - t0, 1))
+        apply_tiled_mlp(model, TILE_TOKENS)
+        record["tiled_mlp"] = TILE_TOKENS
     params = [p for p in model.parameters() if p.requires_grad]
     return model, torch.optim.AdamW(params, lr=1e-5, fused=True), config, record
 
@@ -135,7 +130,7 @@ def train_step(stack: str, model, optimizer, ids) -> float:
     labels = torch.roll(ids, -1, dims=1)  # pre-shifted: position t predicts token t+1
     labels[:, -1] = -100
     positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
-    attention = contextlib.nullcontext() if stack == "hf" else sdpa_kernel(
+    attention = contextlib.nullcontext() if stack in ("hf", "longctx") else sdpa_kernel(
         [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION], set_priority=True)
     offload = torch.autograd.graph.save_on_cpu(pin_memory=True) if stack == "ds-cpu" else contextlib.nullcontext()
     with attention, offload:
@@ -201,7 +196,7 @@ def table(rows: list[dict]) -> str:
     head = "| stack | tokens | status | step s | tokens/s | model TFLOP/s | peak GPU GiB | host GiB | notes |"
     lines = [head, "|---|---:|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        notes = ", ".join(f"{k}={r[k]}" for k in ("checkpointing", "gpu_layers", "pinned_gib", "tiled_mlp") if k in r)
+        notes = "; ".join([f"tiled_mlp={r['tiled_mlp']}"] if "tiled_mlp" in r else r.get("changes", []))
         if r["status"] != "ok":
             notes = (notes + "; " if notes else "") + r.get("error", "")[:90]
         lines.append(f"| {r['stack']} | {r['seq_len'] // 1024}K | {r['status']} | {r.get('step_s', '')} | "

@@ -27,8 +27,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
+from longctx.checkpointing import Layout, choose_layout, layout_for
 from longctx.config import LORA_TARGETS_ALL, ConfigError, Recipe, load_recipe
 from longctx.launcher.dsconfig import template
+from longctx.tiled_mlp import AUTO_MIN_TOKENS
 
 GiB = 2**30
 # Not visible to max_memory_allocated but taken from the card: CUDA context, cuBLAS/cuDNN
@@ -36,7 +38,6 @@ GiB = 2**30
 GPU_RESERVED_BYTES = 2 * GiB
 # A training process's own host memory before any tensor of ours: Python, torch, CUDA libraries.
 PROCESS_HOST_BYTES = 3 * GiB
-CHECKPOINTING_POLICIES = ("none", "full", "offload")
 ATTENTION_KINDS = ("flash", "sdpa-mask", "eager")
 SEARCHABLE = ("zero_stage", "offload", "sp", "checkpointing")
 
@@ -98,6 +99,7 @@ class Features:
     loss: str = "chunked"  # chunked: logits per chunk, recomputed | full: (seq x vocab) logits in fp32
     loss_chunk_tokens: int = 4096
     mlp_tile_tokens: int = 0  # 0: untiled MLP
+    mlp_tile_from: int = 0  # tiles only from this many tokens per rank (train.tiled_mlp=auto)
     engine: str = "deepspeed"  # deepspeed: ZeRO buffers, bf16 master weights | torch: plain optimizer, no ZeRO
     micro_batch: int = 1
 
@@ -115,6 +117,7 @@ class Settings:
     offload_params: bool = False
     sp: int = 1
     checkpointing: str = "full"
+    gpu_checkpoint_layers: int = 0  # checkpointing=offload: top layers whose inputs stay on the GPU
 
     def describe(self) -> str:
         offload = [n for n, on in (("optimizer", self.offload_optimizer), ("params", self.offload_params)) if on]
@@ -142,6 +145,7 @@ class Estimate:
     host: dict[str, int]  # bytes per node
     gpu_limit: int
     host_limit: int
+    layout: Layout  # the checkpointing layout of the decoder layers (auto resolved)
 
     @property
     def gpu_peak(self) -> int:
@@ -160,7 +164,7 @@ class Estimate:
         return self.gpu_peak <= self.gpu_limit and self.host_peak <= self.host_limit
 
     def as_dict(self) -> dict:
-        return {"seq_len": self.seq_len, "settings": asdict(self.settings), "fits": self.fits,
+        return {"seq_len": self.seq_len, "settings": asdict(self.settings), "layout": asdict(self.layout), "fits": self.fits,
                 "gpu_peak_gib": _gib(self.gpu_peak), "gpu_limit_gib": _gib(self.gpu_limit),
                 "host_peak_gib": _gib(self.host_peak), "host_limit_gib": _gib(self.host_limit),
                 "gpu_gib": {k: _gib(v) for k, v in self.gpu.items()},
@@ -293,30 +297,37 @@ def estimate(shape: ModelShape, f: Features, s: Settings, cluster: Cluster, seq_
     """The per-rank GPU peak and per-node host memory of one training step at seq_len."""
     _check(shape, s, cluster, seq_len)
     b, h, world = f.act_bytes, shape.hidden, cluster.world
+    if seq_len // s.sp < f.mlp_tile_from:
+        f = replace(f, mlp_tile_tokens=0)
     tokens = f.micro_batch * seq_len // s.sp  # tokens this rank holds between attention calls
     gpu, host_rank = model_states(shape, f, s, world)
     layer_saved = tokens * saved_per_token(shape, f) + quadratic_saved(shape, f, seq_len, s.sp)
-    layer_inputs = shape.layers * tokens * b * h
-    if s.checkpointing == "none":
-        kept, recompute = shape.layers * layer_saved, 0
-    elif s.checkpointing == "full":
-        kept, recompute = layer_inputs, layer_saved
-    else:
-        # inputs live in pinned host memory; two are on the GPU: one being copied, one prefetched
-        kept, recompute = min(2, shape.layers) * tokens * b * h, layer_saved
-        host_rank["offloaded activations"] = layer_inputs
-    gpu["kept activations"] = kept
+    layer_input = tokens * b * h
+    gpu["kept activations"] = 0  # filled below, once the layout is known
     # the final norm's saved input and output, and the hidden states handed to the loss
     gpu["final hidden states"] = tokens * h * (4 + 2 * b)
     mask = {"sdpa-mask": 1, "eager": b}.get(f.attention, 0)
     gpu["attention mask"] = f.micro_batch * seq_len * seq_len * mask
-    gpu["layer working set"] = recompute + layer_transient(shape, f, tokens, s.sp)
+    gpu["layer working set"] = layer_saved + layer_transient(shape, f, tokens, s.sp)  # recompute + gradients
     gpu["loss working set"] = loss_working_set(shape, f, tokens)
+    gpu_limit = cluster.gpu_mem - GPU_RESERVED_BYTES
+    if s.checkpointing == "auto":
+        unkept = Estimate(seq_len, s, gpu, {}, gpu_limit, 0, Layout(0, 0, 0)).gpu_peak
+        layout = choose_layout(shape.layers, gpu_limit - unkept, layer_input, layer_saved)
+    else:
+        layout = layout_for(s.checkpointing, shape.layers, s.gpu_checkpoint_layers)
+    # Plain layers are counted beside the recompute of a checkpointed one, though backward frees
+    # them first: a layer's worth of margin, not a second formula for the peak.
+    gpu["kept activations"] = layout.gpu_bytes(layer_input, layer_saved)
+    if layout.host + layout.gpu == 0:
+        gpu["layer working set"] -= layer_saved  # nothing is recomputed
+    if layout.host:
+        host_rank["offloaded activations"] = layout.host * layer_input
     ranks_here = min(cluster.gpus_per_node, world)
     host = {name: ranks_here * n for name, n in host_rank.items()}
     host["processes"] = ranks_here * PROCESS_HOST_BYTES
     host["model load (every rank, before partitioning)"] = ranks_here * (PROCESS_HOST_BYTES + shape.params * b)
-    return Estimate(seq_len, s, gpu, host, cluster.gpu_mem - GPU_RESERVED_BYTES, cluster.host_mem)
+    return Estimate(seq_len, s, gpu, host, gpu_limit, cluster.host_mem, layout)
 
 
 def longest_fitting(shape: ModelShape, f: Features, s: Settings, cluster: Cluster,
@@ -342,11 +353,12 @@ def candidates(shape: ModelShape, cluster: Cluster, fixed: Settings, free: set[s
     # sp ranks share a node (topology.py): the planner does not choose sp across nodes
     sps = [d for d in range(1, cluster.gpus_per_node + 1)
            if cluster.gpus_per_node % d == 0 and shape.heads % d == 0] if "sp" in free else [fixed.sp]
-    policies = CHECKPOINTING_POLICIES if "checkpointing" in free else (fixed.checkpointing,)
+    # auto finds the fastest layout that fits (plain layers, inputs on the GPU, or in host memory)
+    policies = ("auto",) if "checkpointing" in free else (fixed.checkpointing,)
     for (opt, par), sp, policy, stage in itertools.product(offloads, sps, policies, stages):
         if (par and stage != 3) or (opt and stage == 0):
             continue
-        yield Settings(stage, opt, par, sp, policy)
+        yield Settings(stage, opt, par, sp, policy, fixed.gpu_checkpoint_layers)
 
 
 def choose(shape: ModelShape, f: Features, cluster: Cluster, seq_len: int, fixed: Settings,
@@ -380,13 +392,16 @@ def from_recipe(recipe: Recipe, on_gpu: bool = True) -> tuple[ModelShape, Featur
     lora = recipe.lora
     extra = (shape.head_params if lora.train_embeddings else 0) + (
         (2 * shape.layers + 1) * shape.hidden if lora.train_norms else 0)
+    t = recipe.train
     f = Features(act_bytes=2 if dtype == "bf16" else 4, lora_r=lora.r if lora.enabled else None,
                  lora_targets=tuple(lora.targets), extra_trainable=extra if lora.enabled else 0,
                  attention=ATTENTION_OF_BACKEND[recipe.attention.backend], loss="chunked",
-                 loss_chunk_tokens=recipe.train.loss_chunk_tokens, micro_batch=recipe.train.micro_batch_size)
+                 loss_chunk_tokens=t.loss_chunk_tokens, micro_batch=t.micro_batch_size,
+                 mlp_tile_tokens=0 if t.tiled_mlp == "off" else t.mlp_tile_tokens,
+                 mlp_tile_from=AUTO_MIN_TOKENS if t.tiled_mlp == "auto" else 0)
     p = recipe.parallel
-    policy = "full" if recipe.train.checkpointing == "auto" else recipe.train.checkpointing
-    return shape, f, Settings(p.zero_stage, p.offload_optimizer, p.offload_params, p.sp, policy)
+    return shape, f, Settings(p.zero_stage, p.offload_optimizer, p.offload_params, p.sp, t.checkpointing,
+                              t.gpu_checkpoint_layers)
 
 
 def refusal(recipe: Recipe, world: int, gpu_mem: int) -> Optional[str]:
@@ -404,6 +419,26 @@ def refusal(recipe: Recipe, world: int, gpu_mem: int) -> Optional[str]:
             f"{instead} (`longctx plan` shows the table; --ignore-plan runs anyway)")
 
 
+def resolve_auto(recipe: Recipe, cluster: Cluster) -> tuple[Recipe, Optional[str]]:
+    """The recipe with the `parallel.auto` settings replaced by the planner's choice for this
+    cluster, and a line saying what was chosen (None when nothing is left to the planner)."""
+    free = set(recipe.parallel.auto)
+    if not free:
+        return recipe, None
+    shape, f, s = from_recipe(recipe)
+    chosen = choose(shape, f, cluster, recipe.data.seq_len, s, free)
+    if chosen is None:
+        raise ConfigError(f"parallel.auto={sorted(free)}: no choice fits data.seq_len={recipe.data.seq_len} on "
+                          f"{cluster.world} GPU(s) of {cluster.gpu_mem / GiB:.1f} GiB (`longctx plan` shows the table)")
+    c = chosen.settings
+    parallel = replace(recipe.parallel, zero_stage=c.zero_stage, offload_optimizer=c.offload_optimizer,
+                       offload_params=c.offload_params, sp=c.sp)
+    train = replace(recipe.train, checkpointing=c.checkpointing)
+    line = (f"parallel.auto={','.join(sorted(free))}: planner chose {c.describe()} "
+            f"(predicted peak {chosen.gpu_peak / GiB:.1f} GiB of {chosen.gpu_limit / GiB:.1f} usable)")
+    return replace(recipe, parallel=parallel, train=train), line
+
+
 def parse_bytes(text: str) -> int:
     """'80GiB' -> 80 * 2**30, '80GB' -> 80 * 10**9, '512G' -> GiB (as nvidia-smi and free mean it)."""
     m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
@@ -418,7 +453,8 @@ def parse_bytes(text: str) -> int:
 def format_table(est: Estimate) -> str:
     g = est.gpu
     working = "layer working set" if g["layer working set"] >= g["loss working set"] else "loss working set"
-    lines = [f"per GPU at seq_len {est.seq_len:,} ({est.settings.describe()})"]
+    lines = [f"per GPU at seq_len {est.seq_len:,} ({est.settings.describe()})",
+             f"  {est.layout.describe()}"]
     for name, n in g.items():
         off_peak = name.endswith("working set") and name != working
         lines.append(f"  {name:<34}{n / GiB:9.2f} GiB{'   (not at the peak)' if off_peak else ''}")

@@ -58,6 +58,25 @@ def gpu_memory() -> int | None:
     return torch.cuda.get_device_properties(int(os.environ["LOCAL_RANK"])).total_memory
 
 
+def resolve_parallel_auto(recipe: Recipe) -> Recipe:
+    """`parallel.auto` settings replaced by the planner's choice for this job's GPUs (on CPU, the
+    ranks of a node share its available memory); rank 0 prints the choice."""
+    if not recipe.parallel.auto:
+        return recipe
+    from longctx.checkpointing import available_host_bytes
+    from longctx.launcher.plan import Cluster, resolve_auto
+
+    world = int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or world)  # deepspeed, torchrun
+    host = available_host_bytes()
+    cluster = Cluster(nodes=max(1, world // local), gpus_per_node=local,
+                      gpu_mem=gpu_memory() or host // local, host_mem=host)
+    recipe, line = resolve_auto(recipe, cluster)
+    if int(os.environ["RANK"]) == 0:
+        print(line, file=sys.stderr)
+    return recipe
+
+
 def check_plan(recipe: Recipe) -> None:
     from longctx.launcher.plan import refusal
 
@@ -71,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         single_process_env()
-        recipe = load_recipe(args.config, args.overrides)
+        recipe = resolve_parallel_auto(load_recipe(args.config, args.overrides))
         check_world(recipe)
         if not args.ignore_plan:
             check_plan(recipe)

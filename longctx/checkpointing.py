@@ -1,19 +1,24 @@
 """Activation checkpointing per decoder layer, with layer inputs optionally in pinned host memory.
 
-Each decoder layer runs forward saving only its input; backward recomputes the layer from that
-input and differentiates it. Under the `offload` policy the input goes to a pinned host buffer,
+A checkpointed decoder layer runs forward saving only its input; backward recomputes the layer
+from that input and differentiates it. An offloaded layer's input goes to a pinned host buffer,
 copied on a side stream while the following layers compute, and in backward the input of the
 layer below is copied back while the current layer is recomputed, so both copies hide under
-compute. The last `gpu_layers` layers keep their inputs on the GPU: backward needs them first,
-before any prefetch could have run.
+compute. Counted from the bottom, a `Layout` gives each layer one of three treatments:
 
-Policies (recipe key `train.checkpointing`):
+    host   checkpointed, input in pinned host memory      (cheapest on the GPU)
+    gpu    checkpointed, input on the GPU                  (no copies)
+    plain  not checkpointed: autograd keeps everything     (no recompute: fastest)
 
-    none     no checkpointing: autograd saves every activation of every layer
-    full     checkpoint every layer, inputs stay on the GPU
-    offload  checkpoint every layer, inputs of all but the last `gpu_layers` layers in host memory
-    auto     `choose_checkpointing` picks full when all layer inputs fit the GPU budget, else
-             offload with as many layers on the GPU as fit
+Plain layers sit on top: backward reaches them first and frees their activations before any
+checkpointed layer is recomputed. Policies (recipe key `train.checkpointing`):
+
+    none     every layer plain
+    full     every layer gpu
+    offload  every layer host but the last `train.gpu_checkpoint_layers`, which are gpu
+    auto     `choose_layout` from the planner's GPU budget: all inputs on the GPU if they fit
+             (else as many as fit, the rest in host memory), then as many plain layers as the
+             rest of the budget holds
 
 The layers are patched through transformers' own hook (`GradientCheckpointingLayer`), so the
 model stays a transformers model and `CheckpointHandle.undo()` restores it exactly.
@@ -34,10 +39,61 @@ GiB = 2**30
 # Host memory left to the process itself (Python, CUDA libraries, data loading) when deciding
 # whether the pinned buffers fit.
 HOST_RESERVE_BYTES = 8 * GiB
+# Offloaded inputs on the GPU at once in backward: the one being recomputed and the one prefetched.
+IN_FLIGHT = 2
 
 
 class HostMemoryError(RuntimeError):
     """Offloaded activations would not fit in host memory; raised before training starts."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How many decoder layers, from the bottom, are host, gpu and plain (see the module doc)."""
+
+    host: int
+    gpu: int
+    plain: int
+
+    @property
+    def layers(self) -> int:
+        return self.host + self.gpu + self.plain
+
+    def gpu_bytes(self, input_bytes: int, plain_bytes: int) -> int:
+        """GPU bytes kept across layers: inputs on the GPU (and in flight), plain layers' activations."""
+        return (self.gpu + min(IN_FLIGHT, self.host)) * input_bytes + self.plain * plain_bytes
+
+    def describe(self) -> str:
+        if self.host == self.gpu == 0:
+            return "activation checkpointing: off"
+        parts = [f"{n} {what}" for n, what in ((self.host, "with inputs in pinned host memory"),
+                                               (self.gpu, "with inputs in device memory"),
+                                               (self.plain, "not checkpointed (no recompute)")) if n]
+        return "decoder layers, bottom to top: " + "; ".join(parts)
+
+
+def layout_for(policy: str, n_layers: int, gpu_layers: Optional[int] = None) -> Layout:
+    """The layout of an explicit policy (none | full | offload)."""
+    if policy == "none":
+        return Layout(0, 0, n_layers)
+    if policy == "full":
+        return Layout(0, n_layers, 0)
+    if policy == "offload":
+        kept = min(n_layers, max(0, gpu_layers or 0))
+        return Layout(n_layers - kept, kept, 0)
+    raise ValueError(f"train.checkpointing={policy!r}: must be one of {'|'.join(POLICIES)} "
+                     "('auto' is resolved by choose_layout)")
+
+
+def choose_layout(n_layers: int, budget_bytes: int, input_bytes: int, plain_bytes: int) -> Layout:
+    """The `auto` layout: what kept activations fit in `budget_bytes` of GPU memory. Inputs on the GPU
+    first (each saves two copies), then plain layers (each saves a recompute) from what is left."""
+    if n_layers * input_bytes > budget_bytes:
+        on_gpu = max(0, (budget_bytes - IN_FLIGHT * input_bytes) // input_bytes)
+        return Layout(n_layers - min(on_gpu, n_layers), min(on_gpu, n_layers), 0)
+    extra = max(1, plain_bytes - input_bytes)  # a gpu layer turned plain keeps its input among the rest
+    plain = min(n_layers, (budget_bytes - n_layers * input_bytes) // extra)
+    return Layout(0, n_layers - plain, plain)
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -49,13 +105,6 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 def layer_input_bytes(model_config, seq_len: int, micro_batch: int, dtype_bytes: int = 2) -> int:
     """Bytes of one decoder layer's input: what checkpointing keeps per layer."""
     return micro_batch * seq_len * model_config.hidden_size * dtype_bytes
-
-
-def offload_host_bytes(model_config, seq_len: int, micro_batch: int, gpu_layers: int = 0,
-                       dtype_bytes: int = 2) -> int:
-    """Pinned host bytes the offload policy needs: one buffer per offloaded layer, exact size."""
-    offloaded = max(0, model_config.num_hidden_layers - gpu_layers)
-    return offloaded * layer_input_bytes(model_config, seq_len, micro_batch, dtype_bytes)
 
 
 def available_host_bytes() -> int:
@@ -73,26 +122,9 @@ def require_host_memory(need_bytes: int, available_bytes: Optional[int] = None,
     available = available_host_bytes() if available_bytes is None else available_bytes
     if need_bytes + reserve_bytes > available:
         raise HostMemoryError(
-            f"train.checkpointing=offload: layer inputs need {need_bytes / GiB:.1f} GiB of pinned host memory "
+            f"train.checkpointing: offloaded layer inputs need {need_bytes / GiB:.1f} GiB of pinned host memory "
             f"(+{reserve_bytes / GiB:.0f} GiB for the process), only {available / GiB:.1f} GiB available; "
             "shorten data.seq_len, keep more layers on the GPU (train.gpu_checkpoint_layers), or use more GPUs (parallel.sp)")
-
-
-def choose_checkpointing(model_config, policy: str, seq_len: int, micro_batch: int,
-                         gpu_budget_bytes: int, gpu_layers: Optional[int] = None,
-                         dtype_bytes: int = 2) -> tuple[str, int]:
-    """(policy, gpu_layers) to apply. `auto` keeps every layer input on the GPU when they all fit
-    in `gpu_budget_bytes` (what the planner leaves beside weights and the working set of one
-    layer), else offloads all but as many as fit. An explicit `gpu_layers` wins for offload."""
-    if policy not in POLICIES:
-        raise ValueError(f"train.checkpointing={policy!r}: must be one of {'|'.join(POLICIES)}")
-    n = model_config.num_hidden_layers
-    if policy in ("none", "full"):
-        return policy, n
-    if policy == "offload":
-        return policy, min(n, gpu_layers or 0)
-    fit = max(0, gpu_budget_bytes) // layer_input_bytes(model_config, seq_len, micro_batch, dtype_bytes)
-    return ("full", n) if fit >= n else ("offload", int(fit))
 
 
 class _RngState:
@@ -295,51 +327,36 @@ class _CheckpointedLayer(torch.autograd.Function):
 class CheckpointHandle:
     """What `apply_checkpointing` changed; `undo()` restores the layers and frees host buffers."""
 
-    policy: str
-    gpu_layers: int
-    offloader: Optional[LayerInputOffloader]
+    layout: Layout
+    offloader: LayerInputOffloader
     _restore: Callable[[], None]
 
     def undo(self) -> None:
         self._restore()
-        if self.offloader is not None:
-            self.offloader.close()
-
-    def describe(self) -> str:
-        if self.policy == "none":
-            return "activation checkpointing: off"
-        if self.policy == "full":
-            return "activation checkpointing: every decoder layer, inputs on the GPU"
-        n = len(self.offloader.offloaded)
-        return (f"activation checkpointing: every decoder layer; inputs of {n} layers in pinned host memory, "
-                f"last {self.gpu_layers} on the GPU")
+        self.offloader.close()
 
 
 _UNSET = object()
 
 
-def apply_checkpointing(model: torch.nn.Module, policy: str, gpu_layers: int = 0) -> CheckpointHandle:
-    """Checkpoint every decoder layer under `policy` (none | full | offload; resolve auto first with
-    `choose_checkpointing`). `gpu_layers`: with offload, how many of the last layers keep their
-    inputs on the GPU. Takes effect in training mode with gradients enabled."""
-    if policy == "auto":
-        raise ValueError("apply_checkpointing: resolve policy 'auto' with choose_checkpointing first")
-    if policy not in POLICIES:
-        raise ValueError(f"train.checkpointing={policy!r}: must be one of {'|'.join(POLICIES)}")
+def apply_checkpointing(model: torch.nn.Module, layout: Layout) -> CheckpointHandle:
+    """Give the decoder layers the treatments of `layout` (host, gpu, plain from the bottom).
+    Takes effect in training mode with gradients enabled."""
     layers = decoder_layers(model)
-    if policy == "none":
-        return CheckpointHandle(policy, len(layers), None, lambda: None)
+    if layout.layers != len(layers):
+        raise ValueError(f"checkpointing layout covers {layout.layers} decoder layers, the model has {len(layers)}")
     for layer in layers:
         if not isinstance(layer, GradientCheckpointingLayer):
             raise ValueError(f"{type(layer).__name__} is not a transformers GradientCheckpointingLayer; "
                              "cannot checkpoint it through transformers' hook")
-    kept = len(layers) if policy == "full" else min(max(gpu_layers, 0), len(layers))
-    offloader = LayerInputOffloader(len(layers), kept)
+    checkpointed = layout.host + layout.gpu
+    offloader = LayerInputOffloader(checkpointed, layout.gpu)
     before = [(layer, layer.__dict__.get("gradient_checkpointing", _UNSET),
                layer.__dict__.get("_gradient_checkpointing_func", _UNSET)) for layer in layers]
     for index, layer in enumerate(layers):
-        layer.gradient_checkpointing = True
-        layer._gradient_checkpointing_func = functools.partial(offloader.checkpoint, index)
+        layer.gradient_checkpointing = index < checkpointed
+        if index < checkpointed:
+            layer._gradient_checkpointing_func = functools.partial(offloader.checkpoint, index)
 
     def restore() -> None:
         for layer, flag, func in before:
@@ -349,4 +366,4 @@ def apply_checkpointing(model: torch.nn.Module, policy: str, gpu_layers: int = 0
                 else:
                     setattr(layer, name, value)
 
-    return CheckpointHandle(policy, kept, offloader, restore)
+    return CheckpointHandle(layout, offloader, restore)

@@ -95,8 +95,15 @@ class TrainSection:
     grad_accum: int = _f(1, "micro-batches per optimizer step", min=1)
     grad_clip: float = _f(1.0, "gradient norm clip; 0 = off", min=0.0)
     loss_chunk_tokens: int = _f(4096, "tokens per chunk of the output projection + loss", min=1)
-    checkpointing: str = _f("auto", "activation checkpointing per decoder layer (auto = full)",
-                            choices=["auto", "none", "full"])
+    checkpointing: str = _f("auto", "activation checkpointing per decoder layer: none, full (inputs on the GPU), "
+                            "offload (inputs in pinned host memory), auto (the planner fits inputs on the GPU or "
+                            "host, and leaves top layers unchecked when memory allows)",
+                            choices=["auto", "none", "full", "offload"])
+    gpu_checkpoint_layers: int = _f(0, "checkpointing=offload: how many top layers keep their inputs on the GPU",
+                                    min=0)
+    tiled_mlp: str = _f("auto", "apply the MLP over sequence tiles (auto: from 32K tokens per rank)",
+                        choices=["auto", "on", "off"])
+    mlp_tile_tokens: int = _f(4096, "tokens per MLP tile", min=1)
     export: bool = _f(True, "write <out_dir>/hf (merged) and <out_dir>/adapter at the end")
 
 
@@ -106,6 +113,8 @@ class ParallelSection:
     offload_optimizer: bool = _f(False, "keep optimizer states in host memory (ZeRO >= 1)")
     offload_params: bool = _f(False, "keep parameters in host memory (ZeRO 3)")
     sp: int = _f(1, "sequence-parallel degree (ranks that share one sequence)", min=1)
+    auto: list[str] = _f([], "settings the memory planner chooses at launch (cheapest that fits data.seq_len)",
+                         each_choices=["zero_stage", "offload", "sp", "checkpointing"])
 
 
 @dataclass

@@ -12,7 +12,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from longctx.attention import attention_implementation
+from longctx.checkpointing import Layout, apply_checkpointing, layout_for, require_host_memory
 from longctx.config import LoraSection, Recipe
+from longctx.tiled_mlp import apply_tiled_mlp, use_tiled_mlp
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +80,8 @@ def add_lora(model: torch.nn.Module, section: LoraSection) -> torch.nn.Module:
     return get_peft_model(model, lora_config(section))
 
 
-def patch_model(model: torch.nn.Module, recipe: Recipe) -> list[str]:
-    """Apply attention and checkpointing choices; returns a line per change for the run log."""
+def patch_model(model: torch.nn.Module, recipe: Recipe, device: torch.device, world: int = 1) -> list[str]:
+    """Apply attention, RoPE kernel, checkpointing and MLP tiling; returns a line per change for the run log."""
     changes = []
     attn = attention_implementation(recipe.attention.backend)
     model.set_attn_implementation(attn)
@@ -91,23 +93,49 @@ def patch_model(model: torch.nn.Module, recipe: Recipe) -> list[str]:
             changes += use_fused_rope(model).changes
         except ValueError as e:  # a model family the patch does not know: said in the run log, not hidden
             changes.append(f"rope: transformers' rotary path ({e})")
-    if checkpoint_policy(recipe) == "full":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        changes.append("activation checkpointing: every decoder layer")
+    return changes + apply_memory_features(model, recipe, device, world)
+
+
+def checkpoint_layout(recipe: Recipe, n_layers: int, device: torch.device, world: int) -> Layout:
+    """The recipe's checkpointing layout. `auto` asks the planner what fits this GPU; on CPU,
+    where activations live in host memory anyway, it is `full`."""
+    policy = recipe.train.checkpointing
+    if policy != "auto":
+        return layout_for(policy, n_layers, recipe.train.gpu_checkpoint_layers)
+    if device.type != "cuda":
+        return layout_for("full", n_layers)
+    from longctx.launcher.plan import Cluster, estimate, from_recipe
+
+    shape, features, settings = from_recipe(recipe)
+    cluster = Cluster(gpus_per_node=world, gpu_mem=torch.cuda.get_device_properties(device).total_memory)
+    return estimate(shape, features, settings, cluster, recipe.data.seq_len).layout
+
+
+def apply_memory_features(model: torch.nn.Module, recipe: Recipe, device: torch.device, world: int) -> list[str]:
+    """Checkpointing layout (host buffers pinned now, so a shortage shows at start) and tiled MLP."""
+    t, config = recipe.train, model.config
+    tokens = recipe.data.seq_len // recipe.parallel.sp  # per rank, between attention calls
+    changes = []
+    if use_tiled_mlp(t.tiled_mlp, tokens):
+        apply_tiled_mlp(model, t.mlp_tile_tokens)
+        changes.append(f"MLP: tiles of {t.mlp_tile_tokens} tokens")
+    layout = checkpoint_layout(recipe, config.num_hidden_layers, device, world)
+    dtype = next(model.parameters()).dtype
+    shape = (t.micro_batch_size, tokens, config.hidden_size)
+    if layout.host:
+        require_host_memory(layout.host * torch.Size(shape).numel() * dtype.itemsize)
+    handle = apply_checkpointing(model, layout)
+    handle.offloader.reserve(shape, dtype, device)
+    changes.append(layout.describe())
     return changes
 
 
-def checkpoint_policy(recipe: Recipe) -> str:
-    policy = recipe.train.checkpointing
-    return "full" if policy == "auto" else policy
-
-
-def load_model(recipe: Recipe, device: torch.device) -> tuple[torch.nn.Module, dict]:
+def load_model(recipe: Recipe, device: torch.device, world: int = 1) -> tuple[torch.nn.Module, dict]:
     """The model ready for the engine, and a record of what was done to it."""
     dtype = resolve_dtype(recipe.model.dtype, device)
     config, rope_record = scaled_config(recipe)
     model = build_model(recipe, config, dtype)
-    changes = patch_model(model, recipe)
+    changes = patch_model(model, recipe, device, world)
     if recipe.lora.enabled:
         model = add_lora(model, recipe.lora)
         changes.append(f"lora: r={recipe.lora.r} alpha={recipe.lora.alpha} on {','.join(recipe.lora.targets)}")

@@ -119,7 +119,7 @@ def train(recipe: Recipe, topo: Topology, run_dir: Path) -> dict:
     is_main = topo.rank == 0
     tokenizer = load_tokenizer(recipe)
     packed = build_data(recipe, tokenizer, topo, run_dir)
-    model, record = load_model(recipe, device)
+    model, record = load_model(recipe, device, topo.world_size)
     if topo.sp_size > 1:
         record["changes"].append(sequence_parallel.use_ulysses(model, topo.sp_group, t.micro_batch_size))
     bf16 = next(model.parameters()).dtype == torch.bfloat16

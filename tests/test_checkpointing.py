@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from longctx.checkpointing import (HostMemoryError, apply_checkpointing, choose_checkpointing, decoder_layers,
-                                   offload_host_bytes, require_host_memory)
+from longctx.checkpointing import (HostMemoryError, Layout, apply_checkpointing, choose_layout, decoder_layers,
+                                   layout_for, require_host_memory)
 from longctx.loss import causal_lm_loss
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -47,15 +47,26 @@ def assert_same(a, b, tol=1e-6):
         assert err <= tol, (k, err)
 
 
-@pytest.mark.parametrize("policy,gpu_layers", [("full", 0), ("offload", 0), ("offload", 2)])
-def test_checkpointed_gradients_equal_no_checkpointing(policy, gpu_layers):
+@pytest.mark.parametrize("layout", [Layout(0, 4, 0), Layout(4, 0, 0), Layout(2, 2, 0), Layout(1, 1, 2),
+                                    Layout(2, 0, 2), Layout(0, 0, 4)])
+def test_checkpointed_gradients_equal_no_checkpointing(layout):
     model = tiny_llama(attention_dropout=0.2)  # the recompute must replay the dropout masks
     reference = loss_and_grads(model)
-    handle = apply_checkpointing(model, policy, gpu_layers=gpu_layers)
+    handle = apply_checkpointing(model, layout)
     assert_same(loss_and_grads(model), reference)
     assert_same(loss_and_grads(model), reference)  # second step reuses the host buffers
-    if policy == "offload":
-        assert handle.offloader.host_bytes == offload_host_bytes(model.config, 40, 2, gpu_layers, dtype_bytes=4)
+    assert handle.offloader.host_bytes == layout.host * 2 * 40 * 64 * 4  # exact: rows x seq x hidden x fp32
+    handle.undo()
+
+
+def test_plain_layers_are_not_recomputed():
+    model = tiny_llama()
+    calls = []
+    for layer in decoder_layers(model):
+        layer.mlp.register_forward_hook(lambda *_: calls.append(1))
+    handle = apply_checkpointing(model, Layout(1, 1, 2))
+    loss_and_grads(model)
+    assert len(calls) == 4 + 2  # every layer forward, then the two checkpointed ones again in backward
     handle.undo()
 
 
@@ -67,7 +78,7 @@ def test_offloaded_lora_adapters_get_the_gradients_of_no_checkpointing():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
     reference = loss_and_grads(model)
-    handle = apply_checkpointing(model, "offload", gpu_layers=1)
+    handle = apply_checkpointing(model, layout_for("offload", 4, gpu_layers=1))
     ours = loss_and_grads(model)
     handle.undo()
     assert all("lora" in k for k in ours[1])  # embeddings are frozen: layer 0's input needs no grad
@@ -78,7 +89,7 @@ def test_undo_restores_the_original_model():
     model = tiny_llama()
     reference = loss_and_grads(model)
     for policy in ("none", "full", "offload"):
-        apply_checkpointing(model, policy).undo()
+        apply_checkpointing(model, layout_for(policy, 4)).undo()
     for layer in decoder_layers(model):
         assert "gradient_checkpointing" not in layer.__dict__ and "_gradient_checkpointing_func" not in layer.__dict__
         assert layer.gradient_checkpointing is False
@@ -87,7 +98,7 @@ def test_undo_restores_the_original_model():
 
 def test_eval_forward_saves_nothing():
     model = tiny_llama()
-    handle = apply_checkpointing(model, "offload")
+    handle = apply_checkpointing(model, layout_for("offload", 4))
     with torch.no_grad():
         model(input_ids=batch()[0])
     assert handle.offloader.host_bytes == 0
@@ -96,7 +107,7 @@ def test_eval_forward_saves_nothing():
 
 def test_two_forwards_before_backward_are_refused():
     model = tiny_llama()
-    handle = apply_checkpointing(model, "offload")
+    handle = apply_checkpointing(model, layout_for("offload", 4))
     first, _ = causal_lm_loss(model, *batch(0), chunk_tokens=32)
     causal_lm_loss(model, *batch(1), chunk_tokens=32)  # overwrites the first pass's host buffers
     with pytest.raises(RuntimeError, match="overwritten by a later forward pass"):
@@ -104,22 +115,35 @@ def test_two_forwards_before_backward_are_refused():
     handle.undo()
 
 
-def test_choose_checkpointing_keeps_on_gpu_what_fits():
-    config = tiny_config()  # 4 layers; one layer input at 1000 tokens, batch 1, bf16: 128,000 bytes
-    per_layer = 1000 * 64 * 2
-    assert choose_checkpointing(config, "auto", 1000, 1, gpu_budget_bytes=4 * per_layer) == ("full", 4)
-    assert choose_checkpointing(config, "auto", 1000, 1, gpu_budget_bytes=3 * per_layer - 1) == ("offload", 2)
-    assert choose_checkpointing(config, "auto", 1000, 1, gpu_budget_bytes=-5) == ("offload", 0)
-    assert choose_checkpointing(config, "offload", 1000, 1, 0, gpu_layers=9) == ("offload", 4)
-    assert choose_checkpointing(config, "none", 1000, 1, 0) == ("none", 4)
-    with pytest.raises(ValueError, match="train.checkpointing='partial'"):
-        choose_checkpointing(config, "partial", 1000, 1, 0)
+def test_layouts_of_the_policies():
+    assert layout_for("none", 4) == Layout(0, 0, 4)
+    assert layout_for("full", 4) == Layout(0, 4, 0)
+    assert layout_for("offload", 4) == Layout(4, 0, 0)
+    assert layout_for("offload", 4, gpu_layers=9) == Layout(0, 4, 0)
+    with pytest.raises(ValueError, match="train.checkpointing='auto'"):
+        layout_for("auto", 4)
+    with pytest.raises(ValueError, match="covers 3 decoder layers, the model has 4"):
+        apply_checkpointing(tiny_llama(), Layout(1, 1, 1))
+
+
+def test_choose_layout_fills_the_budget_cheapest_first():
+    inp, plain = 100, 1000  # bytes of one layer's input, of one plain layer's activations
+    # every input fits: the 300 left over turn one layer plain (it costs 900 more than its input)
+    assert choose_layout(4, 4 * inp + 900, inp, plain) == Layout(0, 3, 1)
+    assert choose_layout(4, 4 * inp + 899, inp, plain) == Layout(0, 4, 0)
+    assert choose_layout(4, 4 * inp + 10**6, inp, plain) == Layout(0, 0, 4)
+    # not every input fits: two are in flight from host memory, the rest of the budget keeps inputs
+    assert choose_layout(4, 4 * inp - 1, inp, plain) == Layout(3, 1, 0)
+    assert choose_layout(4, 2 * inp, inp, plain) == Layout(4, 0, 0)
+    assert choose_layout(4, -5, inp, plain) == Layout(4, 0, 0)
+    for budget in range(0, 6000, 37):  # whatever is chosen fits, unless even all-offloaded does not
+        layout = choose_layout(4, budget, inp, plain)
+        assert layout.layers == 4
+        assert layout.gpu_bytes(inp, plain) <= max(budget, 2 * inp)
 
 
 def test_host_memory_is_checked_before_training():
-    config = tiny_config()
-    need = offload_host_bytes(config, seq_len=2**20, micro_batch=2, gpu_layers=1)
-    assert need == 3 * 2 * 2**20 * 64 * 2
+    need = 3 * 2 * 2**20 * 64 * 2
     require_host_memory(need, available_bytes=need + 9 * GiB)
     with pytest.raises(HostMemoryError, match=r"need 0\.8 GiB of pinned host memory"):
         require_host_memory(need, available_bytes=need + GiB)

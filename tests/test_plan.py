@@ -12,8 +12,8 @@ import torch
 
 from longctx.config import LORA_TARGETS_ALL, ConfigError, load_recipe
 from longctx.launcher.plan import (
-    GiB, SEARCHABLE, Cluster, Features, ModelShape, Settings, choose, estimate, longest_fitting,
-    loss_working_set, main, model_states, parse_bytes, refusal, saved_per_token,
+    GiB, SEARCHABLE, Cluster, Features, ModelShape, Settings, choose, estimate, from_recipe, longest_fitting,
+    loss_working_set, main, model_states, parse_bytes, refusal, resolve_auto, saved_per_token,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,11 +112,43 @@ def test_longest_fitting_is_the_boundary():
 def test_choose_takes_the_cheapest_settings_that_fit():
     node = Cluster(nodes=1, gpus_per_node=8, gpu_mem=80 * GiB, host_mem=1024 * GiB)
     short = choose(LLAMA_8B, Features(), node, 8192, Settings(), set(SEARCHABLE))
-    assert short.settings == Settings(zero_stage=1, sp=1, checkpointing="none")
+    assert short.settings == Settings(zero_stage=1, sp=1, checkpointing="auto")
+    assert short.layout.plain == 32  # at 8K every layer's activations fit: nothing is recomputed
     long = choose(LLAMA_8B, Features(), node, 1 << 20, Settings(), set(SEARCHABLE))
     assert long.fits and long.settings.sp > 1
     # fixed keys stay as given: sp=1 at 1M tokens cannot fit on one 80 GB GPU without offloading
     assert choose(LLAMA_8B, Features(), node, 1 << 20, Settings(sp=1), {"zero_stage", "checkpointing"}) is None
+
+
+def test_auto_checkpointing_spends_what_the_gpu_has_left():
+    f, s = Features(mlp_tile_tokens=4096, mlp_tile_from=32768), Settings(checkpointing="auto")
+    layouts = {n: estimate(LLAMA_8B, f, s, ONE_H100, n * 1024).layout for n in (16, 64, 256)}
+    assert layouts[16].host == 0 and 0 < layouts[16].plain < 32  # some layers skip the recompute
+    assert layouts[64].host == 0 and layouts[64].plain < layouts[16].plain
+    assert layouts[256].host > 0 and layouts[256].plain == 0  # inputs go to host memory
+    for n in (16, 64, 256):
+        est = estimate(LLAMA_8B, f, s, ONE_H100, n * 1024)
+        assert est.fits and est.gpu_peak <= est.gpu_limit
+        assert est.host.get("offloaded activations", 0) == est.layout.host * n * 1024 * 4096 * 2
+    # auto reaches as far as offloading everything does
+    assert longest_fitting(LLAMA_8B, f, s, ONE_H100) == longest_fitting(
+        LLAMA_8B, f, replace(s, checkpointing="offload"), ONE_H100)
+
+
+def test_parallel_auto_replaces_only_the_free_settings():
+    path = str(ROOT / "recipes/llama3-8b-1node.yaml")
+    node = Cluster(nodes=1, gpus_per_node=8, gpu_mem=80 * GiB, host_mem=1024 * GiB)
+    fixed = load_recipe(path, [])
+    assert resolve_auto(fixed, node) == (fixed, None)
+    recipe, line = resolve_auto(load_recipe(path, ["parallel.auto=[sp,zero_stage]", "parallel.sp=1"]), node)
+    assert (recipe.parallel.sp, recipe.parallel.zero_stage) == (4, 3)
+    for sp, stage in ((2, 3), (4, 2)):  # the cheaper neighbours do not fit a 512K full fine-tune
+        shape, f, s = from_recipe(load_recipe(path, [f"parallel.sp={sp}", f"parallel.zero_stage={stage}"]))
+        assert not estimate(shape, f, s, node, 524288).fits
+    assert recipe.train.checkpointing == fixed.train.checkpointing and recipe.data == fixed.data
+    assert line.startswith("parallel.auto=sp,zero_stage: planner chose zero_stage=3 offload=none sp=4")
+    with pytest.raises(ConfigError, match=r"parallel.auto=\['sp'\]: no choice fits data.seq_len=8388608 on 8 GPU"):
+        resolve_auto(load_recipe(path, ["parallel.auto=[sp]", "data.seq_len=8388608"]), node)
 
 
 def test_parse_bytes():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from longctx.checkpointing import apply_checkpointing
+from longctx.checkpointing import apply_checkpointing, layout_for
 from longctx.loss import causal_lm_loss
 from longctx.tiled_mlp import AUTO_MIN_TOKENS, apply_tiled_mlp, use_tiled_mlp
 
@@ -50,7 +50,7 @@ def test_tiled_mlp_inside_offloaded_checkpointing_equals_plain():
     model = tiny_llama()
     reference = loss_and_grads(model, 1, 48)
     undo_mlp = apply_tiled_mlp(model, 10)
-    handle = apply_checkpointing(model, "offload", gpu_layers=1)
+    handle = apply_checkpointing(model, layout_for("offload", 2, gpu_layers=1))
     ours = loss_and_grads(model, 1, 48)
     handle.undo()
     undo_mlp()

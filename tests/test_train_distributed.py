@@ -169,3 +169,16 @@ def test_zero3_export_loads_in_vanilla_transformers_with_the_trained_logits(tmp_
     # and training changed the model: the untrained base gives other logits
     with torch.no_grad():
         assert (build_model(recipe, config, torch.float32)(ids).logits - logits).abs().max() > 1e-3
+
+
+def test_parallel_auto_takes_the_planners_choice(tmp_path):
+    out = tmp_path / "run"
+    rows = train(out, "parallel.auto=[zero_stage,checkpointing]", "train.max_steps=2", "train.save_every=0",
+                 "train.export=false")
+    assert len(rows) == 2
+    log = (tmp_path / "run.log").read_text()
+    # the cheapest choice that fits the tiny model: ZeRO-1, and the auto layout (full on CPU)
+    assert "parallel.auto=checkpointing,zero_stage: planner chose zero_stage=1" in log
+    assert json.loads((out / "ds_config.json").read_text())["zero_optimization"]["stage"] == 1
+    assert "checkpointing: auto" in (out / "recipe.yaml").read_text()
+    assert "decoder layers, bottom to top: 4 with inputs in device memory" in json.loads((out / "run.json").read_text())["changes"]
