@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
-from longctx.checkpointing import Layout, choose_layout, layout_for
+from longctx.checkpointing import PROCESS_HOST_BYTES, Layout, choose_layout, layout_for
 from longctx.config import LORA_TARGETS_ALL, ConfigError, Recipe, load_recipe
 from longctx.launcher.dsconfig import template
 from longctx.tiled_mlp import AUTO_MIN_TOKENS
@@ -36,9 +36,7 @@ GiB = 2**30
 # Not visible to max_memory_allocated but taken from the card: CUDA context, cuBLAS/cuDNN
 # workspaces, NCCL channels, and blocks the caching allocator cannot reuse.
 GPU_RESERVED_BYTES = 2 * GiB
-# A training process's own host memory before any tensor of ours: Python, torch, CUDA libraries.
-PROCESS_HOST_BYTES = 3 * GiB
-ATTENTION_KINDS = ("flash", "sdpa-mask", "eager")
+ATTENTION_KINDS = ("flash", "sdpa-flash", "sdpa-mask", "eager")
 SEARCHABLE = ("zero_stage", "offload", "sp", "checkpointing")
 
 
@@ -95,11 +93,14 @@ class Features:
     lora_targets: tuple[str, ...] = tuple(LORA_TARGETS_ALL)
     extra_trainable: int = 0  # LongLoRA: embeddings and norms trained beside the adapters
     adapter_fp32: bool = False  # peft's default upcast: adapters in fp32, each adapted linear keeps an fp32 copy of its input
-    attention: str = "flash"  # flash: O(seq) | sdpa-mask: dense (seq x seq) mask | eager: scores materialised
+    # flash: O(seq), ours or cuDNN | sdpa-flash: O(seq), SDPA's flash backend (an fp32 dq accumulator)
+    # | sdpa-mask: dense (seq x seq) mask | eager: scores materialised
+    attention: str = "flash"
     loss: str = "chunked"  # chunked: logits per chunk, recomputed | full: (seq x vocab) logits in fp32
     loss_chunk_tokens: int = 4096
     mlp_tile_tokens: int = 0  # 0: untiled MLP
     mlp_tile_from: int = 0  # tiles only from this many tokens per rank (train.tiled_mlp=auto)
+    norm: str = "torch"  # torch: RMSNorm keeps a float32 copy of its input | fused: our kernel keeps the input
     engine: str = "deepspeed"  # deepspeed: ZeRO buffers, bf16 master weights | torch: plain optimizer, no ZeRO
     micro_batch: int = 1
 
@@ -146,12 +147,21 @@ class Estimate:
     gpu_limit: int
     host_limit: int
     layout: Layout  # the checkpointing layout of the decoder layers (auto resolved)
+    transient: int  # gradients alive while one layer's backward runs (part of the layer working set)
+
+    def phases(self) -> dict[str, int]:
+        """Bytes beyond the steady part at the two moments that can be the peak: the loss and the
+        backward of the not-checkpointed top layers, then the recompute of checkpointed layers
+        (the plain layers' activations are freed by then)."""
+        g = self.gpu
+        top = g["not-checkpointed layers"] + max(g["loss working set"], self.transient)
+        return {"loss and the top layers without checkpointing": top, "recompute of a checkpointed layer": g["layer working set"]}
 
     @property
     def gpu_peak(self) -> int:
-        g = dict(self.gpu)
-        working = max(g.pop("layer working set"), g.pop("loss working set"))
-        return sum(g.values()) + working
+        steady = {k: v for k, v in self.gpu.items() if k not in (
+            "not-checkpointed layers", "loss working set", "layer working set")}
+        return sum(steady.values()) + max(self.phases().values())
 
     @property
     def host_peak(self) -> int:
@@ -165,6 +175,7 @@ class Estimate:
 
     def as_dict(self) -> dict:
         return {"seq_len": self.seq_len, "settings": asdict(self.settings), "layout": asdict(self.layout), "fits": self.fits,
+                "phases_gib": {k: _gib(v) for k, v in self.phases().items()},
                 "gpu_peak_gib": _gib(self.gpu_peak), "gpu_limit_gib": _gib(self.gpu_limit),
                 "host_peak_gib": _gib(self.host_peak), "host_limit_gib": _gib(self.host_limit),
                 "gpu_gib": {k: _gib(v) for k, v in self.gpu.items()},
@@ -240,9 +251,11 @@ def _comm_buffers(zero: int, b: int) -> int:
 def saved_per_token(shape: ModelShape, f: Features) -> int:
     """Bytes autograd keeps per token for one decoder layer run without checkpointing (linear part)."""
     b, h, d = f.act_bytes, shape.hidden, shape.head_dim
-    # RMSNorm: the fp32 upcast of its input (pow and mul save it), its output (saved by the next
-    # linears), and the normalised input when the norm weight is trained
-    norm = 4 * h + b * h + (b * h if f.norms_trainable else 0)
+    # RMSNorm: its input (transformers: the fp32 upcast that pow and mul save; fused: the input
+    # and one fp32 1/rms), its output (saved by the next linears), and, in transformers, the
+    # normalised input when the norm weight is trained (the kernel recomputes it)
+    trained = b * h if f.norms_trainable and f.norm == "torch" else 0
+    norm = _norm_input(f, h) + b * h + trained
     # attention: q and k after RoPE, v, the kernel's output, its logsumexp, o_proj's input
     attention = b * d * (2 * shape.heads + 2 * shape.kv_heads) + b * shape.heads * d + 4 * shape.heads
     # SwiGLU: gate (SiLU's input), SiLU's output, up, and their product (down_proj's input)
@@ -254,6 +267,10 @@ def saved_per_token(shape: ModelShape, f: Features) -> int:
                 # lora_B keeps lora_A's output; an fp32 adapter keeps its own fp32 copy of the input
                 adapters += f.lora_r * (4 if f.adapter_fp32 else b) + (4 * fan_in if f.adapter_fp32 else 0)
     return 2 * norm + attention + mlp + adapters
+
+
+def _norm_input(f: Features, h: int) -> int:
+    return 4 * h if f.norm == "torch" else f.act_bytes * h + 4
 
 
 def quadratic_saved(shape: ModelShape, f: Features, seq_len: int, sp: int) -> int:
@@ -272,7 +289,7 @@ def layer_transient(shape: ModelShape, f: Features, tokens: int, sp: int) -> int
     b, d = f.act_bytes, shape.head_dim
     qkv = b * d * (shape.heads + 2 * shape.kv_heads)
     residual = 2 * b * shape.hidden  # gradient flowing in and the one flowing out
-    attention = qkv + 4 * shape.heads * d  # dq, dk, dv and an fp32 dq accumulator
+    attention = qkv + (4 * shape.heads * d if f.attention == "sdpa-flash" else 0)  # dq, dk, dv (+ fp32 dq)
     if sp > 1:
         attention += qkv  # all-to-all output buffers
     if f.mlp_tile_tokens:
@@ -293,8 +310,10 @@ def loss_working_set(shape: ModelShape, f: Features, tokens: int) -> int:
     return min(f.loss_chunk_tokens, tokens) * v * 12
 
 
-def estimate(shape: ModelShape, f: Features, s: Settings, cluster: Cluster, seq_len: int) -> Estimate:
-    """The per-rank GPU peak and per-node host memory of one training step at seq_len."""
+def estimate(shape: ModelShape, f: Features, s: Settings, cluster: Cluster, seq_len: int,
+             layout: Optional[Layout] = None) -> Estimate:
+    """The per-rank GPU peak and per-node host memory of one training step at seq_len; `layout`
+    replaces the one the checkpointing policy gives (to predict a run whose layout is known)."""
     _check(shape, s, cluster, seq_len)
     b, h, world = f.act_bytes, shape.hidden, cluster.world
     if seq_len // s.sp < f.mlp_tile_from:
@@ -303,31 +322,38 @@ def estimate(shape: ModelShape, f: Features, s: Settings, cluster: Cluster, seq_
     gpu, host_rank = model_states(shape, f, s, world)
     layer_saved = tokens * saved_per_token(shape, f) + quadratic_saved(shape, f, seq_len, s.sp)
     layer_input = tokens * b * h
-    gpu["kept activations"] = 0  # filled below, once the layout is known
+    # a recomputed layer's first norm keeps the layer input itself (fused), counted among the inputs
+    recompute = layer_saved - (layer_input if f.norm == "fused" else 0)
+    gpu["layer inputs kept"] = 0  # this and the next filled below, once the layout is known
+    gpu["not-checkpointed layers"] = 0
     # the final norm's saved input and output, and the hidden states handed to the loss
-    gpu["final hidden states"] = tokens * h * (4 + 2 * b)
+    gpu["final hidden states"] = tokens * (_norm_input(f, h) + 2 * b * h)
     mask = {"sdpa-mask": 1, "eager": b}.get(f.attention, 0)
     gpu["attention mask"] = f.micro_batch * seq_len * seq_len * mask
-    gpu["layer working set"] = layer_saved + layer_transient(shape, f, tokens, s.sp)  # recompute + gradients
+    transient = layer_transient(shape, f, tokens, s.sp)
+    gpu["layer working set"] = recompute + transient
     gpu["loss working set"] = loss_working_set(shape, f, tokens)
     gpu_limit = cluster.gpu_mem - GPU_RESERVED_BYTES
-    if s.checkpointing == "auto":
-        unkept = Estimate(seq_len, s, gpu, {}, gpu_limit, 0, Layout(0, 0, 0)).gpu_peak
-        layout = choose_layout(shape.layers, gpu_limit - unkept, layer_input, layer_saved)
+    if layout is not None:
+        pass
+    elif s.checkpointing == "auto":
+        room = gpu_limit - sum(v for k, v in gpu.items() if not k.endswith("working set"))
+        layout = choose_layout(shape.layers, layer_input, layer_saved,
+                               recompute_room=room - gpu["layer working set"],
+                               top_room=room - max(gpu["loss working set"], transient))
     else:
         layout = layout_for(s.checkpointing, shape.layers, s.gpu_checkpoint_layers)
-    # Plain layers are counted beside the recompute of a checkpointed one, though backward frees
-    # them first: a layer's worth of margin, not a second formula for the peak.
-    gpu["kept activations"] = layout.gpu_bytes(layer_input, layer_saved)
+    gpu["layer inputs kept"] = layout.inputs_on_gpu * layer_input
+    gpu["not-checkpointed layers"] = layout.plain * layer_saved
     if layout.host + layout.gpu == 0:
-        gpu["layer working set"] -= layer_saved  # nothing is recomputed
+        gpu["layer working set"] = transient  # nothing is recomputed
     if layout.host:
         host_rank["offloaded activations"] = layout.host * layer_input
     ranks_here = min(cluster.gpus_per_node, world)
     host = {name: ranks_here * n for name, n in host_rank.items()}
     host["processes"] = ranks_here * PROCESS_HOST_BYTES
     host["model load (every rank, before partitioning)"] = ranks_here * (PROCESS_HOST_BYTES + shape.params * b)
-    return Estimate(seq_len, s, gpu, host, gpu_limit, cluster.host_mem, layout)
+    return Estimate(seq_len, s, gpu, host, gpu_limit, cluster.host_mem, layout, transient)
 
 
 def longest_fitting(shape: ModelShape, f: Features, s: Settings, cluster: Cluster,
@@ -397,26 +423,32 @@ def from_recipe(recipe: Recipe, on_gpu: bool = True) -> tuple[ModelShape, Featur
                  lora_targets=tuple(lora.targets), extra_trainable=extra if lora.enabled else 0,
                  attention=ATTENTION_OF_BACKEND[recipe.attention.backend], loss="chunked",
                  loss_chunk_tokens=t.loss_chunk_tokens, micro_batch=t.micro_batch_size,
-                 mlp_tile_tokens=0 if t.tiled_mlp == "off" else t.mlp_tile_tokens,
-                 mlp_tile_from=AUTO_MIN_TOKENS if t.tiled_mlp == "auto" else 0)
+                 mlp_tile_tokens=0 if t.tiled_mlp == "never" else t.mlp_tile_tokens,
+                 mlp_tile_from=AUTO_MIN_TOKENS if t.tiled_mlp == "auto" else 0,
+                 norm="fused" if on_gpu else "torch")
     p = recipe.parallel
     return shape, f, Settings(p.zero_stage, p.offload_optimizer, p.offload_params, p.sp, t.checkpointing,
                               t.gpu_checkpoint_layers)
 
 
-def refusal(recipe: Recipe, world: int, gpu_mem: int) -> Optional[str]:
-    """Why the recipe's step cannot fit on GPUs of gpu_mem bytes (with the numbers), or None."""
+def refusal(recipe: Recipe, cluster: Cluster) -> Optional[str]:
+    """Why the recipe's step cannot fit on this cluster's GPUs or host memory (with the numbers), or None."""
     shape, f, s = from_recipe(recipe)
-    cluster = Cluster(nodes=1, gpus_per_node=world, gpu_mem=gpu_mem)
     est = estimate(shape, f, s, cluster, recipe.data.seq_len)
-    if est.gpu_peak <= est.gpu_limit:
+    if est.fits:
         return None
     longest = longest_fitting(shape, f, s, cluster)
     chosen = choose(shape, f, cluster, recipe.data.seq_len, s, set(SEARCHABLE))
     instead = f"settings that fit: {chosen.settings.describe()}" if chosen else "no settings fit on these GPUs"
-    return (f"data.seq_len={recipe.data.seq_len}: the planner predicts {est.gpu_peak / GiB:.1f} GiB per GPU, "
-            f"{est.gpu_limit / GiB:.1f} GiB usable of {gpu_mem / GiB:.1f}; longest that fits as written: {longest}; "
-            f"{instead} (`longctx plan` shows the table; --ignore-plan runs anyway)")
+    if est.gpu_peak > est.gpu_limit:
+        need = (f"{est.gpu_peak / GiB:.1f} GiB per GPU, {est.gpu_limit / GiB:.1f} GiB usable of "
+                f"{cluster.gpu_mem / GiB:.1f}")
+    else:
+        need = (f"{est.host_peak / GiB:.1f} GiB of host memory per node "
+                f"({est.host.get('offloaded activations', 0) / GiB:.1f} GiB of offloaded layer inputs), "
+                f"{est.host_limit / GiB:.1f} GiB available")
+    return (f"data.seq_len={recipe.data.seq_len}: the planner predicts {need}; longest that fits as written: "
+            f"{longest}; {instead} (`longctx plan` shows the table; --ignore-plan runs anyway)")
 
 
 def resolve_auto(recipe: Recipe, cluster: Cluster) -> tuple[Recipe, Optional[str]]:
@@ -451,14 +483,12 @@ def parse_bytes(text: str) -> int:
 
 
 def format_table(est: Estimate) -> str:
-    g = est.gpu
-    working = "layer working set" if g["layer working set"] >= g["loss working set"] else "loss working set"
-    lines = [f"per GPU at seq_len {est.seq_len:,} ({est.settings.describe()})",
-             f"  {est.layout.describe()}"]
-    for name, n in g.items():
-        off_peak = name.endswith("working set") and name != working
-        lines.append(f"  {name:<34}{n / GiB:9.2f} GiB{'   (not at the peak)' if off_peak else ''}")
-    lines.append(f"  {'peak':<34}{est.gpu_peak / GiB:9.2f} GiB   of {est.gpu_limit / GiB:.2f} usable")
+    phases = est.phases()
+    at_peak = max(phases, key=phases.get)
+    lines = [f"per GPU at seq_len {est.seq_len:,} ({est.settings.describe()})", f"  {est.layout.describe()}"]
+    for name, n in est.gpu.items():
+        lines.append(f"  {name:<34}{n / GiB:9.2f} GiB")
+    lines.append(f"  {'peak':<34}{est.gpu_peak / GiB:9.2f} GiB   of {est.gpu_limit / GiB:.2f} usable, at the {at_peak}")
     lines.append("per node, host memory")
     for name, n in est.host.items():
         lines.append(f"  {name:<44}{n / GiB:9.2f} GiB")
@@ -481,6 +511,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--attention", choices=ATTENTION_KINDS, help="override the attention kind implied by the recipe")
     p.add_argument("--loss", choices=("chunked", "full"), help="full: (seq x vocab) logits, as plain Hugging Face")
     p.add_argument("--mlp-tile-tokens", type=int, default=0, help="tiled MLP: tokens per tile (0 = untiled)")
+    p.add_argument("--norm", choices=("fused", "torch"), help="torch: transformers' RMSNorm (keeps a float32 input copy)")
     p.add_argument("--engine", choices=("deepspeed", "torch"), default="deepspeed",
                    help="torch: plain optimizer, adapters in fp32 (peft's default), no ZeRO buffers")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -517,7 +548,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"longctx plan: {e}") from None
     recipe = load_recipe(args.recipe, args.overrides)
     free = {k for k in args.free.split(",") if k}
-    f_overrides = {k: v for k, v in (("attention", args.attention), ("loss", args.loss),
+    f_overrides = {k: v for k, v in (("attention", args.attention), ("loss", args.loss), ("norm", args.norm),
                                       ("mlp_tile_tokens", args.mlp_tile_tokens or None)) if v is not None}
     if args.engine == "torch":
         f_overrides.update(engine="torch", adapter_fp32=True)

@@ -15,10 +15,14 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from longctx.checkpoint import tag_for
 from longctx.config import ConfigError, Recipe, load_recipe
 from longctx.launcher.discovery import DiscoveryError, discover
+
+if TYPE_CHECKING:
+    from longctx.launcher.plan import Cluster
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -58,32 +62,39 @@ def gpu_memory() -> int | None:
     return torch.cuda.get_device_properties(int(os.environ["LOCAL_RANK"])).total_memory
 
 
-def resolve_parallel_auto(recipe: Recipe) -> Recipe:
-    """`parallel.auto` settings replaced by the planner's choice for this job's GPUs (on CPU, the
-    ranks of a node share its available memory); rank 0 prints the choice."""
-    if not recipe.parallel.auto:
-        return recipe
+def job_cluster() -> Cluster:
+    """This job as the planner sees it: ranks per node, memory of this rank's GPU (on CPU, the ranks
+    of a node share its available memory), available host memory."""
     from longctx.checkpointing import available_host_bytes
-    from longctx.launcher.plan import Cluster, resolve_auto
+    from longctx.launcher.plan import Cluster
 
     world = int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or world)  # deepspeed, torchrun
     host = available_host_bytes()
-    cluster = Cluster(nodes=max(1, world // local), gpus_per_node=local,
-                      gpu_mem=gpu_memory() or host // local, host_mem=host)
-    recipe, line = resolve_auto(recipe, cluster)
+    return Cluster(nodes=max(1, world // local), gpus_per_node=local, gpu_mem=gpu_memory() or host // local,
+                   host_mem=host)
+
+
+def resolve_parallel_auto(recipe: Recipe) -> Recipe:
+    """`parallel.auto` settings replaced by the planner's choice for this job; rank 0 prints it."""
+    if not recipe.parallel.auto:
+        return recipe
+    from longctx.launcher.plan import resolve_auto
+
+    recipe, line = resolve_auto(recipe, job_cluster())
     if int(os.environ["RANK"]) == 0:
         print(line, file=sys.stderr)
     return recipe
 
 
 def check_plan(recipe: Recipe) -> None:
+    """On GPUs, refuse a step the planner says cannot fit the GPU or the host memory."""
     from longctx.launcher.plan import refusal
 
-    gpu_mem = gpu_memory()
-    reason = None if gpu_mem is None else refusal(recipe, int(os.environ["WORLD_SIZE"]), gpu_mem)
-    if reason is not None:
-        raise ConfigError(reason)
+    if gpu_memory() is not None:
+        reason = refusal(recipe, job_cluster())
+        if reason is not None:
+            raise ConfigError(reason)
 
 
 def main(argv: list[str] | None = None) -> int:

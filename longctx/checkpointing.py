@@ -36,9 +36,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 POLICIES = ("auto", "none", "full", "offload")
 GiB = 2**30
-# Host memory left to the process itself (Python, CUDA libraries, data loading) when deciding
-# whether the pinned buffers fit.
-HOST_RESERVE_BYTES = 8 * GiB
+# A training process's own host memory beside the pinned buffers (Python, torch, CUDA libraries,
+# data): 3.2 GiB measured in the 400K-token run (BENCHMARKS.md), rounded up. The planner counts
+# the same amount per rank, so both agree on the longest sequence the host holds.
+PROCESS_HOST_BYTES = 4 * GiB
 # Offloaded inputs on the GPU at once in backward: the one being recomputed and the one prefetched.
 IN_FLIGHT = 2
 
@@ -59,9 +60,10 @@ class Layout:
     def layers(self) -> int:
         return self.host + self.gpu + self.plain
 
-    def gpu_bytes(self, input_bytes: int, plain_bytes: int) -> int:
-        """GPU bytes kept across layers: inputs on the GPU (and in flight), plain layers' activations."""
-        return (self.gpu + min(IN_FLIGHT, self.host)) * input_bytes + self.plain * plain_bytes
+    @property
+    def inputs_on_gpu(self) -> int:
+        """Layer inputs on the GPU at once: those kept there, and offloaded ones in flight."""
+        return self.gpu + min(IN_FLIGHT, self.host)
 
     def describe(self) -> str:
         if self.host == self.gpu == 0:
@@ -85,14 +87,18 @@ def layout_for(policy: str, n_layers: int, gpu_layers: Optional[int] = None) -> 
                      "('auto' is resolved by choose_layout)")
 
 
-def choose_layout(n_layers: int, budget_bytes: int, input_bytes: int, plain_bytes: int) -> Layout:
-    """The `auto` layout: what kept activations fit in `budget_bytes` of GPU memory. Inputs on the GPU
-    first (each saves two copies), then plain layers (each saves a recompute) from what is left."""
-    if n_layers * input_bytes > budget_bytes:
-        on_gpu = max(0, (budget_bytes - IN_FLIGHT * input_bytes) // input_bytes)
-        return Layout(n_layers - min(on_gpu, n_layers), min(on_gpu, n_layers), 0)
-    extra = max(1, plain_bytes - input_bytes)  # a gpu layer turned plain keeps its input among the rest
-    plain = min(n_layers, (budget_bytes - n_layers * input_bytes) // extra)
+def choose_layout(n_layers: int, input_bytes: int, plain_bytes: int, recompute_room: int, top_room: int) -> Layout:
+    """The `auto` layout: the fastest that fits. GPU bytes for kept activations are bounded twice:
+    `recompute_room` while a checkpointed layer is recomputed (inputs on the GPU, plain layers
+    already freed) and `top_room` at the loss and the plain layers' backward (inputs and plain
+    layers' activations). Inputs on the GPU come first (each saves two copies), then plain layers
+    (each saves a recompute); when not every input fits, the rest go to host memory."""
+    if n_layers * input_bytes > recompute_room or n_layers * input_bytes > top_room:
+        room = min(recompute_room, top_room) // max(1, input_bytes) - IN_FLIGHT
+        on_gpu = min(n_layers, max(0, room))
+        return Layout(n_layers - on_gpu, on_gpu, 0)
+    extra = max(1, plain_bytes - input_bytes)  # a gpu layer turned plain: its activations instead of its input
+    plain = min(n_layers, (top_room - n_layers * input_bytes) // extra)
     return Layout(0, n_layers - plain, plain)
 
 
@@ -117,7 +123,7 @@ def available_host_bytes() -> int:
 
 
 def require_host_memory(need_bytes: int, available_bytes: Optional[int] = None,
-                        reserve_bytes: int = HOST_RESERVE_BYTES) -> None:
+                        reserve_bytes: int = PROCESS_HOST_BYTES) -> None:
     """Refuse at start, with the numbers, when offloaded activations would not fit in host memory."""
     available = available_host_bytes() if available_bytes is None else available_bytes
     if need_bytes + reserve_bytes > available:

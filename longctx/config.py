@@ -102,7 +102,7 @@ class TrainSection:
     gpu_checkpoint_layers: int = _f(0, "checkpointing=offload: how many top layers keep their inputs on the GPU",
                                     min=0)
     tiled_mlp: str = _f("auto", "apply the MLP over sequence tiles (auto: from 32K tokens per rank)",
-                        choices=["auto", "on", "off"])
+                        choices=["auto", "always", "never"])
     mlp_tile_tokens: int = _f(4096, "tokens per MLP tile", min=1)
     export: bool = _f(True, "write <out_dir>/hf (merged) and <out_dir>/adapter at the end")
 

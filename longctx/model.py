@@ -81,18 +81,20 @@ def add_lora(model: torch.nn.Module, section: LoraSection) -> torch.nn.Module:
 
 
 def patch_model(model: torch.nn.Module, recipe: Recipe, device: torch.device, world: int = 1) -> list[str]:
-    """Apply attention, RoPE kernel, checkpointing and MLP tiling; returns a line per change for the run log."""
+    """Apply attention, RoPE and RMSNorm kernels, checkpointing and MLP tiling; returns a line per change for the run log."""
     changes = []
     attn = attention_implementation(recipe.attention.backend)
     model.set_attn_implementation(attn)
     changes.append(f"attention: {attn}")
-    if torch.cuda.is_available():  # the kernel needs a GPU; CPU runs keep transformers' rotary path
+    if torch.cuda.is_available():  # the kernels need a GPU; CPU runs keep transformers' own code
+        from longctx.kernels.rms_norm import use_fused_rms_norm
         from longctx.kernels.rope import use_fused_rope
 
-        try:
-            changes += use_fused_rope(model).changes
-        except ValueError as e:  # a model family the patch does not know: said in the run log, not hidden
-            changes.append(f"rope: transformers' rotary path ({e})")
+        for what, use in (("rope", use_fused_rope), ("rms norm", use_fused_rms_norm)):
+            try:
+                changes += use(model).changes
+            except ValueError as e:  # a model family the patch does not know: said in the run log, not hidden
+                changes.append(f"{what}: transformers' own code ({e})")
     return changes + apply_memory_features(model, recipe, device, world)
 
 

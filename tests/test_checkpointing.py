@@ -128,18 +128,26 @@ def test_layouts_of_the_policies():
 
 def test_choose_layout_fills_the_budget_cheapest_first():
     inp, plain = 100, 1000  # bytes of one layer's input, of one plain layer's activations
-    # every input fits: the 300 left over turn one layer plain (it costs 900 more than its input)
-    assert choose_layout(4, 4 * inp + 900, inp, plain) == Layout(0, 3, 1)
-    assert choose_layout(4, 4 * inp + 899, inp, plain) == Layout(0, 4, 0)
-    assert choose_layout(4, 4 * inp + 10**6, inp, plain) == Layout(0, 0, 4)
-    # not every input fits: two are in flight from host memory, the rest of the budget keeps inputs
-    assert choose_layout(4, 4 * inp - 1, inp, plain) == Layout(3, 1, 0)
-    assert choose_layout(4, 2 * inp, inp, plain) == Layout(4, 0, 0)
-    assert choose_layout(4, -5, inp, plain) == Layout(4, 0, 0)
-    for budget in range(0, 6000, 37):  # whatever is chosen fits, unless even all-offloaded does not
-        layout = choose_layout(4, budget, inp, plain)
-        assert layout.layers == 4
-        assert layout.gpu_bytes(inp, plain) <= max(budget, 2 * inp)
+
+    def choose(top_room, recompute_room=10**9):
+        return choose_layout(4, inp, plain, recompute_room=recompute_room, top_room=top_room)
+
+    # every input fits: each 900 bytes left over at the top turn one layer plain
+    assert choose(4 * inp + 900) == Layout(0, 3, 1)
+    assert choose(4 * inp + 899) == Layout(0, 4, 0)
+    assert choose(4 * inp + 10**6) == Layout(0, 0, 4)
+    # not every input fits (at either moment): two are in flight from host memory, the rest stay
+    assert choose(4 * inp - 1) == Layout(3, 1, 0)
+    assert choose(10**9, recompute_room=4 * inp - 1) == Layout(3, 1, 0)
+    assert choose(2 * inp) == Layout(4, 0, 0)
+    assert choose(-5) == Layout(4, 0, 0)
+    for top in range(0, 6000, 37):  # whatever is chosen fits, unless even all-offloaded does not
+        for recompute in (top, 350, 10**6):
+            layout = choose(top, recompute)
+            on_gpu = layout.inputs_on_gpu * inp
+            assert layout.layers == 4
+            assert on_gpu + layout.plain * plain <= max(top, 2 * inp)
+            assert on_gpu <= max(recompute, 2 * inp)
 
 
 def test_host_memory_is_checked_before_training():

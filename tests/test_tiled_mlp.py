@@ -59,7 +59,7 @@ def test_tiled_mlp_inside_offloaded_checkpointing_equals_plain():
 
 def test_tiled_mlp_setting():
     assert use_tiled_mlp("auto", AUTO_MIN_TOKENS) and not use_tiled_mlp("auto", AUTO_MIN_TOKENS - 1)
-    assert use_tiled_mlp("on", 8) and not use_tiled_mlp("off", 10**6)
+    assert use_tiled_mlp("always", 8) and not use_tiled_mlp("never", 10**6)
     with pytest.raises(ValueError, match="train.tiled_mlp='yes'"):
         use_tiled_mlp("yes", 8)
     with pytest.raises(ValueError, match="mlp_tile_tokens=0"):
