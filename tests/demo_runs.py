@@ -1,5 +1,6 @@
-"""Short 2-rank demo runs shared by the MPI and SLURM tests: one uninterrupted run is the
-reference that every interrupted-and-resumed run must reproduce."""
+"""Short 2-rank demo runs shared by the launcher tests (DeepSpeed, MPI, SLURM, sequence
+parallel): starting, waiting, reading metrics, and the uninterrupted `mpirun` run that every
+interrupted-and-resumed one must reproduce."""
 
 import functools
 import json
@@ -84,3 +85,4 @@ def same_losses(a: list[dict], b: list[dict]) -> None:
     for x, y in zip(a, b):
         assert abs(x["loss"] - y["loss"]) <= 1e-6, (x, y)
         assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-5 * max(1.0, x["grad_norm"]), (x, y)
+        assert abs(x["lr"] - y["lr"]) <= 1e-12 * abs(y["lr"]), (x, y)

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from demo_runs import ROOT, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 SMALL = [
     "data.seq_len=256",
@@ -32,14 +32,6 @@ SMALL = [
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 pytestmark = pytest.mark.slow
-
-
-def _port() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def run_args(out: Path, *overrides: str) -> list[str]:
@@ -60,7 +52,7 @@ def finished(procs: list[subprocess.Popen], out: Path) -> list[dict]:
 
 def train(out: Path, ranks: int, *overrides: str) -> list[dict]:
     log = out.with_suffix(".log")
-    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", _port(), *run_args(out, *overrides)]
+    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", free_port(), *run_args(out, *overrides)]
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT)
     return finished([proc], out)
@@ -70,7 +62,7 @@ def train_two_nodes(out: Path, *overrides: str) -> list[dict]:
     """Two DeepSpeed "nodes" of one rank each, started separately as on two machines (no ssh)."""
     hostfile = out.parent / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-    log, port = out.with_suffix(".log"), _port()
+    log, port = out.with_suffix(".log"), free_port()
     procs = []
     with log.open("w") as f:
         for node_rank in (0, 1):

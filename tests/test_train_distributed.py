@@ -6,14 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
+from demo_runs import ROOT, finish, free_port, launch, metrics, same_losses, wait_for_steps
 
-ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 SMALL = [
     "data.seq_len=256",
@@ -30,28 +29,10 @@ SMALL = [
 pytestmark = pytest.mark.slow
 
 
-def _port() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def start(out: Path, *overrides: str, ranks: int = 2) -> subprocess.Popen:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", _port(), "launcher/run.py",
+    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", free_port(), "launcher/run.py",
            "--config", "recipes/demo-cpu.yaml", *SMALL, f"train.out_dir={out}", *overrides]
-    log = open(out.parent / f"{out.name}.log", "a")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 300) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    return launch(cmd, out.parent / f"{out.name}.log")
 
 
 def train(out: Path, *overrides: str) -> list[dict]:
@@ -60,31 +41,10 @@ def train(out: Path, *overrides: str) -> list[dict]:
     return metrics(out)
 
 
-def metrics(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
-
-
-def wait_for_steps(out: Path, proc: subprocess.Popen, n: int) -> None:
-    deadline = time.time() + 240
-    while len(metrics(out)) < n:
-        assert proc.poll() is None, "run ended before the signal"
-        assert time.time() < deadline
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("ref") / "run"
     return out, train(out)
-
-
-def same_losses(a: list[dict], b: list[dict]) -> None:
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for x, y in zip(a, b):
-        assert abs(x["loss"] - y["loss"]) <= 1e-6, (x, y)
-        assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-5 * max(1.0, x["grad_norm"]), (x, y)
-        assert x["lr"] == pytest.approx(y["lr"], rel=1e-12)
 
 
 def test_zero2_run_writes_metrics_checkpoints_and_export(reference):
