@@ -68,7 +68,7 @@ class Layout:
     def describe(self) -> str:
         if self.host == self.gpu == 0:
             return "activation checkpointing: off"
-        parts = [f"{n} {what}" for n, what in ((self.host, "with inputs in pinned host memory"),
+        parts = [f"{n} {what}" for n, what in ((self.host, "with inputs in host memory"),
                                                (self.gpu, "with inputs in device memory"),
                                                (self.plain, "not checkpointed (no recompute)")) if n]
         return "decoder layers, bottom to top: " + "; ".join(parts)
