@@ -75,6 +75,15 @@ class PreemptionFlag:
         return bool(flag.item())
 
 
+def gradient_scale(recipe: Recipe, topo: Topology) -> float:
+    """What undoes DeepSpeed's averaging, so gradients are those of the loss summed over the step's
+    tokens (divided by their count by the caller). DeepSpeed divides by the accumulation steps and
+    averages over data-parallel ranks, summing over the sp ranks of a sequence; ZeRO-3's
+    reduce-scatter averages over the sp ranks too (they share its partition group)."""
+    averaged = topo.dp_size * (topo.sp_size if recipe.parallel.zero_stage == 3 else 1)
+    return recipe.train.grad_accum * averaged
+
+
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -164,10 +173,10 @@ def train(recipe: Recipe, topo: Topology, run_dir: Path) -> dict:
         n_total = counts.item()
         lr = engine.get_lr()[0]
         loss_total = torch.zeros((), device=device)
+        scale = gradient_scale(recipe, topo) / max(n_total, 1.0)
         for batch in batches:
             loss_sum, _ = engine(**batch)
-            # DeepSpeed divides by accumulation steps and averages over data-parallel ranks (sums over sp)
-            engine.backward(loss_sum * (t.grad_accum * topo.dp_size / max(n_total, 1.0)))
+            engine.backward(loss_sum * scale)
             engine.step()
             loss_total += loss_sum.detach().float()
         topo.all_reduce_world(loss_total)

@@ -106,3 +106,16 @@ def test_sp_across_two_nodes_trains_the_demo_as_one_process(reference, tmp_path)
     exported = json.loads((out / "hf" / "config.json").read_text())
     assert "ulysses" not in json.dumps(exported)
     assert (out / "adapter" / "adapter_config.json").exists()
+
+
+def test_sp_under_zero3_with_offloaded_checkpointing_resumes_exactly(reference, tmp_path):
+    """sp=2 with ZeRO-3 partitions, layer inputs in host buffers and the MLP in tiles: the steps
+    of one process; run again from its step-1 checkpoint, step 2 comes out the same."""
+    out = tmp_path / "run"
+    overrides = ("parallel.sp=2", "train.grad_accum=2", "parallel.zero_stage=3", "train.checkpointing=offload",
+                 "train.gpu_checkpoint_layers=1", "train.tiled_mlp=always", "train.mlp_tile_tokens=64",
+                 "train.save_every=1", "train.export=false")
+    same_steps(train(out, 2, *overrides), reference)
+    resumed = train(out, 2, *overrides, f"train.resume={out / 'checkpoints' / 'step-0000001'}")
+    same_steps(resumed, reference)
+    assert "resumed from" in out.with_suffix(".log").read_text()
