@@ -167,15 +167,30 @@ def _unknown_key_error(key: str) -> ConfigError:
     return ConfigError(f"{key}: unknown key{hint}")
 
 
+@functools.cache
+def _field_types(cls: type = Recipe, prefix: str = "") -> dict[str, Any]:
+    types = {}
+    for f in fields(cls):
+        sub = f.default_factory if f.default is MISSING else None
+        if sub is not None and is_dataclass(sub):
+            types.update(_field_types(sub, f"{prefix}{f.name}."))
+        else:
+            types[prefix + f.name] = f.type
+    return types
+
+
 def _parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"{item}: overrides are written key=value (e.g. train.max_steps=10)")
     key, raw = item.split("=", 1)
+    key = key.strip()
+    if _field_types().get(key) in ("str", "Optional[str]") and raw not in ("", "null", "~"):
+        return key, raw  # text as typed: `on`, `yes` or `1e3` stay strings, not YAML's bool or float
     try:  # YAML typing, as in a recipe file: 10 -> int, true -> bool, [a,b] -> list, null -> None
         value = yaml.safe_load(raw) if raw else None
     except yaml.YAMLError:
         value = raw
-    return key.strip(), value
+    return key, value
 
 
 def _merge(base: DictConfig, key: str, value: Any) -> None:

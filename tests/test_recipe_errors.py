@@ -71,3 +71,11 @@ def test_overrides_are_typed_like_yaml():
     r = load_recipe(DEMO, ["lora.targets=[q_proj,v_proj]", "train.lr=1e-4", "lora.enabled=false", "rope.method=linear", "rope.factor=4"])
     assert r.lora.targets == ["q_proj", "v_proj"] and r.train.lr == 1e-4
     assert r.lora.enabled is False and r.rope.factor == 4.0
+
+
+def test_text_keys_keep_the_text_as_typed():
+    # YAML would read `on` as true and `1e3` as a float; a text key gets the words the user wrote
+    with pytest.raises(ConfigError, match=r"^train.tiled_mlp='on': must be one of auto\|always\|never$"):
+        load_recipe(DEMO, ["train.tiled_mlp=on"])
+    assert load_recipe(DEMO, ["train.out_dir=1e3"]).train.out_dir == "1e3"
+    assert load_recipe(DEMO, ["model.tokenizer=null"]).model.tokenizer is None
