@@ -37,18 +37,23 @@ def _fwd_blocks(q, K, V, k0, hk, s_kt, s_kh, s_vt, s_vh, m_i, l_i, acc, scale_lo
         else:
             k = tl.load(K + (k0 + cols)[None, :] * s_kt + hk * s_kh + offs_d[:, None])
             v = tl.load(V + (k0 + cols)[:, None] * s_vt + hk * s_vh + offs_d[None, :])
-        s = tl.dot(q, k, input_precision=PREC) * scale_log2
+        qk = tl.dot(q, k, input_precision=PREC)
         if MASKED:
             keep = col_ok[None, :]
             if CAUSAL:
                 keep = keep & (offs_m[:, None] + shift >= cols[None, :])
-            s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
-        p = tl.exp2(s - m_safe[:, None])
+            s = tl.where(keep, qk * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+            p = tl.exp2(s - m_safe[:, None])
+        else:
+            # every row sees every column, so the max is finite; scale and shift fuse into one FMA
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+            m_safe = m_new
+            p = tl.exp2(qk * scale_log2 - m_new[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
         m_i = m_new
     return m_i, l_i, acc
 
@@ -60,7 +65,8 @@ def _fwd_kernel(
     H: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    # causal: the last query tiles see the most keys, so they start first and the light ones fill the tail
+    pid_m, bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     hk = h // GROUP
     q0, k0 = tl.load(CU_Q + b), tl.load(CU_K + b)
@@ -128,10 +134,10 @@ def _dkdv_rows(Q, DO, LSE, DELTA, k, v, dk, dv, q0, h, s_qt, s_qh, s_dt, s_dh, s
         p_t = tl.exp2(s_t - lse[None, :])
         if MASKED and CAUSAL:
             p_t = tl.where(rows[None, :] + shift >= offs_n[:, None], p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PREC)
     return dk, dv
 
 
@@ -203,10 +209,12 @@ def _dq_blocks(K, V, q, do, lse, delta, dq, k0, hk, s_kt, s_kh, s_vt, s_vh, scal
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
     return dq
 
 
+# dq has its own kernel, recomputing the probabilities: a fused backward adding each tile's dq share
+# with float32 atomics measured 7-20% slower on an H100 (8K-128K tokens, 32/8 heads, dim 128).
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, scale_log2, scale,
@@ -214,7 +222,8 @@ def _bwd_dq_kernel(
     H: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    # causal: the last query tiles see the most keys, so they start first and the light ones fill the tail
+    pid_m, bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     hk = h // GROUP
     q0, k0 = tl.load(CU_Q + b), tl.load(CU_K + b)
@@ -247,13 +256,18 @@ def _bwd_dq_kernel(
 HEAD_DIMS = (16, 32, 64, 128, 256)
 # (BLOCK_M, BLOCK_N, warps, stages) tried per kernel on GPUs, chosen once per (head dim, causal, group);
 # a tile that does not fit the chip is dropped by the autotuner. BLOCK_M tiles queries, BLOCK_N keys.
+# Each list keeps the two fastest of a wider sweep on an H100 at 32K tokens, 32/8 heads, dim 128
+# (`bench/attention.py --tune-length 32768`, BENCHMARKS.md), then one small tile whose shared
+# memory fits head dim 256; widen the lists again to retune for another chip.
 AUTOTUNE = {
-    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
-    "dkdv": [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (16, 128, 4, 3)],
-    "dq": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
+    "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (64, 32, 4, 2)],
+    "dkdv": [(64, 128, 8, 3), (32, 64, 4, 4), (32, 32, 4, 2)],
+    "dq": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 2)],
 }
-# Under the interpreter one small tile keeps CPU tests fast; tiles change speed only, never results.
-INTERPRET_TILE = {"BLOCK_M": 16, "BLOCK_N": 16}
+# Untuned tiles, ({BLOCK_M, BLOCK_N}, warps, stages); tiles change speed only, never results.
+# One small tile keeps the interpreter fast on CPU. fp32 inputs (tests, references) get true fp32
+# dots on CUDA cores, where large tiles take minutes to compile, and fp32 is never a speed path.
+FIXED_TILES = {"interpret": ({"BLOCK_M": 16, "BLOCK_N": 16}, 1, 1), "fp32": ({"BLOCK_M": 32, "BLOCK_N": 32}, 4, 2)}
 
 
 def _tuned(name: str, kernel):
@@ -267,15 +281,17 @@ TUNED = {name: _tuned(name, kernel) for name, kernel in KERNELS.items()}
 
 def _launch(name: str, length: int, tile: str, programs: int, *args, **kwargs) -> None:
     """One program per `tile`-sized block of `length` (queries or keys) and per sequence x head."""
-    if INTERPRET:
-        grid = (triton.cdiv(length, INTERPRET_TILE[tile]), programs)
-        KERNELS[name][grid](*args, **kwargs, **INTERPRET_TILE, num_warps=1, num_stages=1)
+    fixed = "interpret" if INTERPRET else "fp32" if kwargs["PREC"] == "ieee" else None
+    if fixed:
+        blocks, warps, stages = FIXED_TILES[fixed]
+        grid = (triton.cdiv(length, blocks[tile]), programs)
+        KERNELS[name][grid](*args, **kwargs, **blocks, num_warps=warps, num_stages=stages)
     else:
         TUNED[name][lambda meta: (triton.cdiv(length, meta[tile]), programs)](*args, **kwargs)
 
 
 def _precision(q: torch.Tensor) -> str:
-    # fp32 inputs (tests, references) get true fp32 products; bf16/fp16 use the tensor cores as they are
+    # fp32 inputs get true fp32 products; bf16/fp16 use the tensor cores as they are
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
