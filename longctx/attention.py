@@ -174,19 +174,23 @@ def _auto_sdpa(q, k, v, docs: Documents | None, scale: float) -> torch.Tensor:
 KERNELS = {"triton": _triton, "sdpa": _sdpa, "flex": _flex, "eager": _eager}
 
 
-def auto_choice(device: torch.device, packed: bool) -> str:
+HALF = (torch.bfloat16, torch.float16)
+
+
+def auto_choice(device: torch.device, packed: bool, dtype: torch.dtype) -> str:
     """The backend auto runs for a batch on `device`; packed: several documents in a row."""
     if device.type == "cuda":
-        return "triton" if packed else "sdpa (cuDNN first)"
+        # SDPA's fused kernels take GQA in half precision only; ours takes every dtype
+        return "sdpa (cuDNN first)" if not packed and dtype in HALF else "triton"
     return "sdpa per document" if packed else "sdpa"
 
 
 @functools.cache
-def log_auto_choice(device_type: str, packed: bool) -> None:
-    """One log line per (device, packed) for the whole process; cache_clear() to hear it again."""
+def log_auto_choice(device_type: str, packed: bool, dtype: torch.dtype) -> None:
+    """One log line per (device, packed, dtype) for the whole process; cache_clear() to hear it again."""
     kind = "packed documents" if packed else "one document per row"
-    log.info("attention.backend=auto: %s for %s on %s", auto_choice(torch.device(device_type), packed), kind,
-             device_type)
+    log.info("attention.backend=auto: %s for %s on %s (%s)", auto_choice(torch.device(device_type), packed, dtype),
+             kind, device_type, str(dtype).removeprefix("torch."))
 
 
 AUTO_RUNS = {"triton": _triton, "sdpa (cuDNN first)": _auto_sdpa, "sdpa per document": _sdpa, "sdpa": _sdpa}
@@ -194,8 +198,8 @@ AUTO_RUNS = {"triton": _triton, "sdpa (cuDNN first)": _auto_sdpa, "sdpa per docu
 
 def _auto(q, k, v, docs: Documents | None, scale: float) -> torch.Tensor:
     packed = docs is not None
-    log_auto_choice(q.device.type, packed)
-    return AUTO_RUNS[auto_choice(q.device, packed)](q, k, v, docs, scale)
+    log_auto_choice(q.device.type, packed, q.dtype)
+    return AUTO_RUNS[auto_choice(q.device, packed, q.dtype)](q, k, v, docs, scale)
 
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None,

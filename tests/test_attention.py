@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from longctx.attention import attention_forward, attention_implementation, documents, log_auto_choice
+from longctx.attention import attention_forward, attention_implementation, auto_choice, documents, log_auto_choice
 from longctx.loss import causal_lm_loss
 
 CUDA = torch.cuda.is_available()
@@ -127,6 +127,16 @@ def test_auto_logs_each_choice_once(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and "packed documents" in lines[0] and "one document per row" in lines[1]
     assert ("triton" if CUDA else "sdpa per document") in lines[0]
+    # float32 on CUDA: SDPA's fused kernels take no GQA there, so auto runs ours
+    assert ("triton" if CUDA else "sdpa for") in lines[1] and "(float32)" in lines[1]
+
+
+@pytest.mark.parametrize("dtype, expected", [(torch.bfloat16, "sdpa (cuDNN first)"), (torch.float16, "sdpa (cuDNN first)"),
+                                             (torch.float32, "triton")])
+def test_auto_on_cuda_takes_sdpa_only_in_half_precision(dtype, expected):
+    cuda = torch.device("cuda")
+    assert auto_choice(cuda, False, dtype) == expected
+    assert auto_choice(cuda, True, dtype) == "triton"
 
 
 def test_flex_forward_keeps_documents_apart():
