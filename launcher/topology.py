@@ -67,6 +67,17 @@ def nodes_per_sp_group(local_ranks: list[int], sp: int) -> int:
     return max(len(set(node_of[g : g + sp])) for g in range(0, len(node_of), sp))
 
 
+def _unlink_shared_memory(rank: int) -> None:
+    """DeepSpeed's CPU all-reduce gives each rank of a single-host job a 64 MiB shared-memory file
+    and never removes it, so every run would leave them in /dev/shm. init_distributed maps every
+    rank's file; after a barrier each rank removes its own name (the mappings live on)."""
+    dist.barrier()
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    if os.path.exists(name):
+        os.unlink(name)
+
+
 def init_topology(sp: int) -> Topology:
     """Start the process group (DeepSpeed's comm backend: NCCL on GPUs, gloo on CPU) and the sp groups."""
     import deepspeed
@@ -75,6 +86,8 @@ def init_topology(sp: int) -> Topology:
     accelerator = get_accelerator()
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False)
     rank, world = dist.get_rank(), dist.get_world_size()
+    if accelerator.device_name() == "cpu":
+        _unlink_shared_memory(rank)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if world % sp:
         raise ValueError(f"parallel.sp={sp}: must divide the world size {world}")

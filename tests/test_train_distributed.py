@@ -41,6 +41,15 @@ def train(out: Path, *overrides: str) -> list[dict]:
     return metrics(out)
 
 
+def test_cpu_ranks_leave_no_shared_memory_behind(tmp_path):
+    # DeepSpeed's CPU all-reduce gives each rank a shared-memory file named after the master port
+    port = free_port()
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", port, "launcher/run.py", "--config", "recipes/demo-cpu.yaml",
+           *SMALL, f"train.out_dir={tmp_path / 'run'}", "train.max_steps=1", "train.save_every=0", "train.export=false"]
+    assert finish(launch(cmd, tmp_path / "run.log")) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("ref") / "run"
