@@ -91,13 +91,12 @@ def compare(got: tuple[float, dict], reference: tuple[float, dict]) -> dict:
 
 def run_ranks(out: Path) -> None:
     """What every rank of the launch does."""
-    import deepspeed
-    import torch
     import torch.distributed as dist
 
+    from longctx.launcher.topology import init_topology
     from longctx.sequence_parallel import shard_batch, use_ulysses
 
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    init_topology(1)  # the process group only: the test builds its own sp groups below
     rank = dist.get_rank()
     assert dist.get_world_size() == 4
     # every rank creates every group, in the same order
