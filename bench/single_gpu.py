@@ -10,8 +10,8 @@ poison the next):
     longctx  ours, as the recipe llama3-8b-lora-1gpu sets it up: the checkpointing layout the planner
              picks (layers not checkpointed, inputs on the GPU or in pinned host memory:
              longctx.checkpointing), chunked loss (longctx.loss), tiled MLP from 32K
-             (longctx.tiled_mlp), fused RoPE (kernels/rope.py), our auto attention (SDPA with cuDNN
-             first for one document per row)
+             (longctx.tiled_mlp), fused RoPE and RMSNorm (kernels/), our auto attention (SDPA with
+             cuDNN first for one document per row)
 
 Weights are random (built directly on the GPU in bf16); adapters are bf16 in every stack.
 A step is forward + backward + AdamW on the adapters. Model TFLOP/s counts 3x the forward
@@ -101,7 +101,7 @@ def build(stack: str, seq_len: int):
         from longctx.model import patch_model
 
         # what `launcher/run.py --config recipes/llama3-8b-lora-1gpu.yaml data.seq_len=N` does to the model
-        # before LoRA: our attention, fused RoPE, the checkpointing layout the planner picks, tiled MLP
+        # before LoRA: our attention, fused RoPE and RMSNorm, the checkpointing layout the planner picks, tiled MLP
         recipe = load_recipe(str(RECIPE), [f"data.seq_len={seq_len}"])
         t0 = time.perf_counter()
         record["changes"] = patch_model(model, recipe, torch.device("cuda"), world=1)

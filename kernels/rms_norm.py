@@ -13,12 +13,13 @@ through the kernel and gives back a handle that undoes it.
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import triton
 import triton.language as tl
+
+from .patch import ModelPatch
 
 
 @triton.jit
@@ -119,23 +120,11 @@ SUPPORTED_NORMS = {
 }
 
 
-@dataclass
-class FusedRMSNormPatch:
-    """What `use_fused_rms_norm` changed; `undo()` puts the model back as it was."""
-
-    changes: list[str]
-    _undo: list[Callable[[], None]] = field(repr=False)
-
-    def undo(self) -> None:
-        while self._undo:
-            self._undo.pop()()
-
-
 def _fused_forward(norm: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     return rms_norm(hidden_states, norm.weight, norm.variance_epsilon)
 
 
-def use_fused_rms_norm(model: torch.nn.Module) -> FusedRMSNormPatch:
+def use_fused_rms_norm(model: torch.nn.Module) -> ModelPatch:
     """Route every RMSNorm of a transformers Llama / Qwen2 / Mistral model through the kernel.
     Other families raise: a model is never left on the slow path without a word."""
     norms = [(name, m) for name, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")]
@@ -149,5 +138,5 @@ def use_fused_rms_norm(model: torch.nn.Module) -> FusedRMSNormPatch:
     for _, norm in norms:
         norm.forward = types.MethodType(_fused_forward, norm)
         undo.append(lambda norm=norm: delattr(norm, "forward"))
-    return FusedRMSNormPatch([f"rms norm: {len(norms)} {type(norms[0][1]).__name__} modules -> fused Triton kernel"],
+    return ModelPatch([f"rms norm: {len(norms)} {type(norms[0][1]).__name__} modules -> fused Triton kernel"],
                              undo)

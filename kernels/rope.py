@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 from triton.runtime.interpreter import InterpretedFunction
+
+from .patch import ModelPatch
 
 
 @triton.jit
@@ -146,18 +148,6 @@ class Rotation:
     attention_factor: float
 
 
-@dataclass
-class FusedRopePatch:
-    """What `use_fused_rope` changed; `undo()` puts the model back as it was."""
-
-    changes: list[str]
-    _undo: list[Callable[[], None]] = field(repr=False)
-
-    def undo(self) -> None:
-        while self._undo:
-            self._undo.pop()()
-
-
 def _rotation(rotary: torch.nn.Module, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[Rotation, Rotation]:
     # both halves of the (cos, sin) pair: the attention unpacks two values and passes both on
     rotation = Rotation(position_ids, rotary.inv_freq, float(rotary.attention_scaling))
@@ -196,7 +186,7 @@ def _install_dispatcher(module: types.ModuleType) -> Callable[[], None]:
     return release
 
 
-def use_fused_rope(model: torch.nn.Module) -> FusedRopePatch:
+def use_fused_rope(model: torch.nn.Module) -> ModelPatch:
     """Make a transformers Llama / Qwen2 / Mistral model apply RoPE with the fused kernel.
 
     Each rotary module then returns the positions and its own inverse frequencies (after
@@ -220,4 +210,4 @@ def use_fused_rope(model: torch.nn.Module) -> FusedRopePatch:
         undo.append(lambda rotary=rotary: delattr(rotary, "forward"))
         undo.append(_install_dispatcher(sys.modules[type(rotary).__module__]))
         changes.append(f"rope: {name or 'model'} ({type(rotary).__name__}) -> fused Triton kernel")
-    return FusedRopePatch(changes, undo)
+    return ModelPatch(changes, undo)

@@ -334,14 +334,12 @@ def estimate(shape: ModelShape, f: Features, s: Settings, cluster: Cluster, seq_
     gpu["layer working set"] = recompute + transient
     gpu["loss working set"] = loss_working_set(shape, f, tokens)
     gpu_limit = cluster.gpu_mem - GPU_RESERVED_BYTES
-    if layout is not None:
-        pass
-    elif s.checkpointing == "auto":
+    if layout is None and s.checkpointing == "auto":
         room = gpu_limit - sum(v for k, v in gpu.items() if not k.endswith("working set"))
         layout = choose_layout(shape.layers, layer_input, layer_saved,
                                recompute_room=room - gpu["layer working set"],
                                top_room=room - max(gpu["loss working set"], transient))
-    else:
+    elif layout is None:
         layout = layout_for(s.checkpointing, shape.layers, s.gpu_checkpoint_layers)
     gpu["layer inputs kept"] = layout.inputs_on_gpu * layer_input
     gpu["not-checkpointed layers"] = layout.plain * layer_saved

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from longctx.attention import attention_implementation
-from longctx.checkpointing import Layout, apply_checkpointing, layout_for, require_host_memory
+from longctx.checkpointing import Layout, apply_checkpointing, layer_input_bytes, layout_for, require_host_memory
 from longctx.config import LoraSection, Recipe
 from longctx.tiled_mlp import apply_tiled_mlp, use_tiled_mlp
 
@@ -123,11 +123,10 @@ def apply_memory_features(model: torch.nn.Module, recipe: Recipe, device: torch.
         changes.append(f"MLP: tiles of {t.mlp_tile_tokens} tokens")
     layout = checkpoint_layout(recipe, config.num_hidden_layers, device, world)
     dtype = next(model.parameters()).dtype
-    shape = (t.micro_batch_size, tokens, config.hidden_size)
     if layout.host:
-        require_host_memory(layout.host * torch.Size(shape).numel() * dtype.itemsize)
+        require_host_memory(layout.host * layer_input_bytes(config, tokens, t.micro_batch_size, dtype.itemsize))
     handle = apply_checkpointing(model, layout)
-    handle.offloader.reserve(shape, dtype, device)
+    handle.offloader.reserve((t.micro_batch_size, tokens, config.hidden_size), dtype, device)
     changes.append(layout.describe())
     return changes
 
