@@ -8,6 +8,8 @@ last query with the last key (as the flash-attn package does when lengths differ
 
 Softmax runs in base 2: scores are multiplied by scale * log2(e), and the saved
 log-sum-exp is in the same units, so backward recomputes probabilities with one exp2.
+The log-sum-exp (and backward's row sums of dO * O) are stored (heads, tokens): a tile of
+rows reads them as one contiguous run.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def _fwd_blocks(q, K, V, k0, hk, s_kt, s_kh, s_vt, s_vh, m_i, l_i, acc, scale_lo
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, CU_Q, CU_K, scale_log2,
-    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, s_lt,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, s_lh,
     H: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -96,23 +98,22 @@ def _fwd_kernel(
     # +inf for rows that see no key: backward then recomputes probability 0 for them
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))
     tl.store(O + (q0 + offs_m)[:, None] * s_ot + h * s_oh + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + (q0 + offs_m) * s_lt + h, lse, mask=row_ok)
+    tl.store(LSE + h * s_lh + q0 + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
-def _bwd_delta_kernel(O, DO, DELTA, s_ot, s_oh, s_dt, s_dh, s_lt, total, H: tl.constexpr, D: tl.constexpr,
-                      BLOCK: tl.constexpr):
+def _bwd_delta_kernel(O, DO, DELTA, s_ot, s_oh, s_dt, s_dh, s_lh, total, D: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     h = tl.program_id(1)
     ok = rows < total
     offs_d = tl.arange(0, D)
     o = tl.load(O + rows[:, None] * s_ot + h * s_oh + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
     do = tl.load(DO + rows[:, None] * s_dt + h * s_dh + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    tl.store(DELTA + rows * s_lt + h, tl.sum(o * do, 1), mask=ok)
+    tl.store(DELTA + h * s_lh + rows, tl.sum(o * do, 1), mask=ok)
 
 
 @triton.jit
-def _dkdv_rows(Q, DO, LSE, DELTA, k, v, dk, dv, q0, h, s_qt, s_qh, s_dt, s_dh, s_lt, scale_log2, lo, hi, len_q, shift,
+def _dkdv_rows(Q, DO, LSE, DELTA, k, v, dk, dv, q0, h, s_qt, s_qh, s_dt, s_dh, s_lh, scale_log2, lo, hi, len_q, shift,
                offs_m, offs_n, offs_d, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                PREC: tl.constexpr):
     """dk, dv of one key block from query rows [lo, hi); MASKED rows may cross the diagonal or the end.
@@ -123,13 +124,13 @@ def _dkdv_rows(Q, DO, LSE, DELTA, k, v, dk, dv, q0, h, s_qt, s_qh, s_dt, s_dh, s
             row_ok = rows < len_q
             q = tl.load(Q + (q0 + rows)[:, None] * s_qt + h * s_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
             do = tl.load(DO + (q0 + rows)[:, None] * s_dt + h * s_dh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            lse = tl.load(LSE + (q0 + rows) * s_lt + h, mask=row_ok, other=float("inf"))
-            delta = tl.load(DELTA + (q0 + rows) * s_lt + h, mask=row_ok, other=0.0)
+            lse = tl.load(LSE + h * s_lh + q0 + rows, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + h * s_lh + q0 + rows, mask=row_ok, other=0.0)
         else:
             q = tl.load(Q + (q0 + rows)[:, None] * s_qt + h * s_qh + offs_d[None, :])
             do = tl.load(DO + (q0 + rows)[:, None] * s_dt + h * s_dh + offs_d[None, :])
-            lse = tl.load(LSE + (q0 + rows) * s_lt + h)
-            delta = tl.load(DELTA + (q0 + rows) * s_lt + h)
+            lse = tl.load(LSE + h * s_lh + q0 + rows)
+            delta = tl.load(DELTA + h * s_lh + q0 + rows)
         s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * scale_log2  # (N, M)
         p_t = tl.exp2(s_t - lse[None, :])
         if MASKED and CAUSAL:
@@ -142,18 +143,11 @@ def _dkdv_rows(Q, DO, LSE, DELTA, k, v, dk, dv, q0, h, s_qt, s_qh, s_dt, s_dh, s
 
 
 @triton.jit
-def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, scale_log2, scale,
-    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dt, s_dh, s_lt, s_dkt, s_dkh, s_dvt, s_dvh,
-    HK: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-):
-    pid_n, bh = tl.program_id(0), tl.program_id(1)
-    b, hk = bh // HK, bh % HK
-    q0, k0 = tl.load(CU_Q + b), tl.load(CU_K + b)
-    len_q, len_k = tl.load(CU_Q + b + 1) - q0, tl.load(CU_K + b + 1) - k0
-    if pid_n * BLOCK_N >= len_k:
-        return
+def _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, pid_n, hk, q0, k0, len_q, len_k, scale_log2, scale,
+               s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dt, s_dh, s_lh, s_dkt, s_dkh, s_dvt, s_dvh,
+               GROUP: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    """dk and dv of one key block, summed over the query heads that read its k/v head."""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
@@ -172,13 +166,13 @@ def _bwd_dkdv_kernel(
         diag = tl.minimum(len_q, lo + tl.maximum(0, pid_n * BLOCK_N + BLOCK_N - 1 - shift - lo + BLOCK_M - 1)
                           // BLOCK_M * BLOCK_M)
     full = tl.maximum(diag, len_q // BLOCK_M * BLOCK_M)
-    for g in range(GROUP):  # the query heads that read this k/v head
+    for g in range(GROUP):
         h = hk * GROUP + g
-        dk, dv = _dkdv_rows(Q, DO, LSE, DELTA, k, v, dk, dv, q0, h, s_qt, s_qh, s_dt, s_dh, s_lt, scale_log2,
+        dk, dv = _dkdv_rows(Q, DO, LSE, DELTA, k, v, dk, dv, q0, h, s_qt, s_qh, s_dt, s_dh, s_lh, scale_log2,
                             lo, diag, len_q, shift, offs_m, offs_n, offs_d, True, CAUSAL, BLOCK_M, PREC)
-        dk, dv = _dkdv_rows(Q, DO, LSE, DELTA, k, v, dk, dv, q0, h, s_qt, s_qh, s_dt, s_dh, s_lt, scale_log2,
+        dk, dv = _dkdv_rows(Q, DO, LSE, DELTA, k, v, dk, dv, q0, h, s_qt, s_qh, s_dt, s_dh, s_lh, scale_log2,
                             diag, full, len_q, shift, offs_m, offs_n, offs_d, False, CAUSAL, BLOCK_M, PREC)
-        dk, dv = _dkdv_rows(Q, DO, LSE, DELTA, k, v, dk, dv, q0, h, s_qt, s_qh, s_dt, s_dh, s_lt, scale_log2,
+        dk, dv = _dkdv_rows(Q, DO, LSE, DELTA, k, v, dk, dv, q0, h, s_qt, s_qh, s_dt, s_dh, s_lh, scale_log2,
                             full, len_q, len_q, shift, offs_m, offs_n, offs_d, True, CAUSAL, BLOCK_M, PREC)
     tl.store(DK + (k0 + offs_n)[:, None] * s_dkt + hk * s_dkh + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=col_ok[:, None])
@@ -213,31 +207,19 @@ def _dq_blocks(K, V, q, do, lse, delta, dq, k0, hk, s_kt, s_kh, s_vt, s_vh, scal
     return dq
 
 
-# dq has its own kernel, recomputing the probabilities: a fused backward adding each tile's dq share
-# with float32 atomics was slower on an H100 at 8K-128K tokens: the atomics cost more than the recompute.
 @triton.jit
-def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, scale_log2, scale,
-    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dt, s_dh, s_lt, s_dqt, s_dqh,
-    H: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-):
-    # causal: the last query tiles see the most keys, so they start first and the light ones fill the tail
-    pid_m, bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    hk = h // GROUP
-    q0, k0 = tl.load(CU_Q + b), tl.load(CU_K + b)
-    len_q, len_k = tl.load(CU_Q + b + 1) - q0, tl.load(CU_K + b + 1) - k0
-    if pid_m * BLOCK_M >= len_q:
-        return
+def _dq_tile(Q, K, V, DO, LSE, DELTA, DQ, pid_m, h, hk, q0, k0, len_q, len_k, scale_log2, scale,
+             s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dt, s_dh, s_lh, s_dqt, s_dqh,
+             CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    """dq of one query tile, recomputing its probabilities."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < len_q
     q = tl.load(Q + (q0 + offs_m)[:, None] * s_qt + h * s_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + (q0 + offs_m)[:, None] * s_dt + h * s_dh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    lse = tl.load(LSE + (q0 + offs_m) * s_lt + h, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + (q0 + offs_m) * s_lt + h, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + h * s_lh + q0 + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + h * s_lh + q0 + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     shift = len_k - len_q
     hi = len_k
@@ -253,41 +235,73 @@ def _bwd_dq_kernel(
              mask=row_ok[:, None])
 
 
+# One launch does both halves of the backward: per sequence x kv head, the first programs each take a key block
+# (dk, dv over the group's query heads), the rest a query tile of one head (dq), so the two halves share the GPU
+# and neither leaves a tail. dq recomputes the probabilities: adding each key block's dq share into float32
+# instead was slower on an H100 at 8K-128K tokens, with plain atomics and with TMA bulk reductions alike.
+@triton.jit
+def _bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, max_k, scale_log2, scale,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dt, s_dh, s_lh, s_dqt, s_dqh, s_dkt, s_dkh, s_dvt, s_dvh,
+    HK: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr,
+    BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, PREC: tl.constexpr,
+):
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    b, hk = bh // HK, bh % HK
+    q0, k0 = tl.load(CU_Q + b), tl.load(CU_K + b)
+    len_q, len_k = tl.load(CU_Q + b + 1) - q0, tl.load(CU_K + b + 1) - k0
+    key_blocks = tl.cdiv(max_k, BLOCK_N1)
+    if pid < key_blocks:  # causal: the first key blocks are seen by the most queries, so they start first
+        if pid * BLOCK_N1 < len_k:
+            _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, pid, hk, q0, k0, len_q, len_k, scale_log2, scale,
+                       s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dt, s_dh, s_lh, s_dkt, s_dkh, s_dvt, s_dvh,
+                       GROUP, CAUSAL, D, BLOCK_M1, BLOCK_N1, PREC)
+    else:  # the heads of a group side by side (they read the same k/v), the last query tiles first
+        tile = pid - key_blocks
+        pid_m = (tl.num_programs(0) - key_blocks) // GROUP - 1 - tile // GROUP
+        if pid_m * BLOCK_M2 < len_q:
+            _dq_tile(Q, K, V, DO, LSE, DELTA, DQ, pid_m, hk * GROUP + tile % GROUP, hk, q0, k0, len_q, len_k,
+                     scale_log2, scale, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dt, s_dh, s_lh, s_dqt, s_dqh,
+                     CAUSAL, D, BLOCK_M2, BLOCK_N2, PREC)
+
+
 HEAD_DIMS = (16, 32, 64, 128, 256)
-# (BLOCK_M, BLOCK_N, warps, stages) tried per kernel on GPUs, chosen once per (head dim, causal, group);
-# a tile that does not fit the chip is dropped by the autotuner. BLOCK_M tiles queries, BLOCK_N keys.
-# Each list keeps the two fastest of a wider sweep on an H100 at 32K tokens, 32/8 heads, dim 128
-# (`bench/attention.py --tune-length 32768`, BENCHMARKS.md), then one small tile whose shared
-# memory fits head dim 256; widen the lists again to retune for another chip.
+# Tiles tried per kernel on GPUs, chosen once per (head dim, causal, group); a tile that does not fit
+# the chip is dropped by the autotuner. Forward: (BLOCK_M queries, BLOCK_N keys, warps, stages).
+# Backward: (BLOCK_M1 query rows per step, BLOCK_N1 keys per dk/dv program, BLOCK_M2 queries per dq
+# program, BLOCK_N2 keys per step, warps, stages). The first entries won sweeps on an H100 at 32K
+# tokens, 32/8 heads, dim 128 (backward: 7 tiles, 54 to 81 ms); the last is small enough in shared
+# memory for head dim 256. Widen the lists again to retune for another chip.
 AUTOTUNE = {
     "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (64, 32, 4, 2)],
-    "dkdv": [(64, 128, 8, 3), (32, 64, 4, 4), (32, 32, 4, 2)],
-    "dq": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 2)],
+    "bwd": [(64, 128, 128, 64, 8, 3), (32, 64, 64, 32, 4, 4), (32, 32, 32, 32, 4, 2)],
 }
-# Untuned tiles, ({BLOCK_M, BLOCK_N}, warps, stages); tiles change speed only, never results.
+TILE_NAMES = {"fwd": ("BLOCK_M", "BLOCK_N"), "bwd": ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")}
+# Untuned tiles, (size of every tile, warps, stages); tiles change speed only, never results.
 # One small tile keeps the interpreter fast on CPU. fp32 inputs (tests, references) get true fp32
 # dots on CUDA cores, where large tiles take minutes to compile, and fp32 is never a speed path.
-FIXED_TILES = {"interpret": ({"BLOCK_M": 16, "BLOCK_N": 16}, 1, 1), "fp32": ({"BLOCK_M": 32, "BLOCK_N": 32}, 4, 2)}
+FIXED_TILES = {"interpret": (16, 1, 1), "fp32": (32, 4, 2)}
 
 
 def _tuned(name: str, kernel):
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in AUTOTUNE[name]]
+    configs = [triton.Config(dict(zip(TILE_NAMES[name], tiles[:-2])), num_warps=tiles[-2], num_stages=tiles[-1])
+               for tiles in AUTOTUNE[name]]
     return triton.autotune(configs, key=["D", "CAUSAL", "GROUP"])(kernel)
 
 
-KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
+KERNELS = {"fwd": _fwd_kernel, "bwd": _bwd_kernel}
 TUNED = {name: _tuned(name, kernel) for name, kernel in KERNELS.items()}
 
 
-def _launch(name: str, length: int, tile: str, programs: int, *args, **kwargs) -> None:
-    """One program per `tile`-sized block of `length` (queries or keys) and per sequence x head."""
+def _launch(name: str, grid, *args, **kwargs) -> None:
+    """grid: tile sizes (a dict by name) -> the launch grid."""
     fixed = "interpret" if INTERPRET else "fp32" if kwargs["PREC"] == "ieee" else None
     if fixed:
-        blocks, warps, stages = FIXED_TILES[fixed]
-        grid = (triton.cdiv(length, blocks[tile]), programs)
-        KERNELS[name][grid](*args, **kwargs, **blocks, num_warps=warps, num_stages=stages)
+        size, warps, stages = FIXED_TILES[fixed]
+        tiles = dict.fromkeys(TILE_NAMES[name], size)
+        KERNELS[name][grid(tiles)](*args, **kwargs, **tiles, num_warps=warps, num_stages=stages)
     else:
-        TUNED[name][lambda meta: (triton.cdiv(length, meta[tile]), programs)](*args, **kwargs)
+        TUNED[name][grid](*args, **kwargs)
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -313,9 +327,9 @@ class _FlashAttnVarlen(torch.autograd.Function):
         total, heads, dim = q.shape
         batch = cu_q.numel() - 1
         o = torch.empty_like(q)
-        lse = torch.empty((total, heads), device=q.device, dtype=torch.float32)
+        lse = torch.empty((heads, total), device=q.device, dtype=torch.float32)
         _launch(
-            "fwd", max_q, "BLOCK_M", batch * heads,
+            "fwd", lambda t: (triton.cdiv(max_q, t["BLOCK_M"]), batch * heads),
             q, k, v, o, lse, cu_q, cu_k, scale * LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
             lse.stride(0), H=heads, GROUP=heads // k.shape[1], CAUSAL=causal, D=dim, PREC=_precision(q),
@@ -331,25 +345,19 @@ class _FlashAttnVarlen(torch.autograd.Function):
         do = do.contiguous()
         total, heads, dim = q.shape
         kv_heads, batch = k.shape[1], cu_q.numel() - 1
+        group = heads // kv_heads
         delta = torch.empty_like(lse)
         _bwd_delta_kernel[(triton.cdiv(total, 64), heads)](
-            o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), delta.stride(0), total,
-            H=heads, D=dim, BLOCK=64,
+            o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), delta.stride(0), total, D=dim, BLOCK=64,
         )
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         _launch(
-            "dkdv", max_k, "BLOCK_N", batch * kv_heads,
-            q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, scale * LOG2E, scale,
+            "bwd", lambda t: (triton.cdiv(max_k, t["BLOCK_N1"]) + group * triton.cdiv(max_q, t["BLOCK_M2"]),
+                              batch * kv_heads),
+            q, k, v, do, lse, delta, dq, dk, dv, cu_q, cu_k, max_k, scale * LOG2E, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-            lse.stride(0), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            HK=kv_heads, GROUP=heads // kv_heads, CAUSAL=causal, D=dim, PREC=_precision(q),
-        )
-        _launch(
-            "dq", max_q, "BLOCK_M", batch * heads,
-            q, k, v, do, lse, delta, dq, cu_q, cu_k, scale * LOG2E, scale,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-            lse.stride(0), dq.stride(0), dq.stride(1),
-            H=heads, GROUP=heads // kv_heads, CAUSAL=causal, D=dim, PREC=_precision(q),
+            lse.stride(0), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            HK=kv_heads, GROUP=group, CAUSAL=causal, D=dim, PREC=_precision(q),
         )
         return dq, dk, dv, None, None, None, None, None, None
 
