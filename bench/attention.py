@@ -5,7 +5,8 @@
 Causal, 32 query heads / 8 kv heads / dim 128, bf16, one sequence of 8K, 32K and 128K
 tokens; then a packed batch of documents of mixed length against FlexAttention with a
 document mask. TFLOP/s count the causal half only: forward 2 matmuls, backward 5.
-Each case is checked against SDPA's output before it is timed.
+Each case is checked against SDPA's output before it is timed; backward gets a random
+upstream gradient.
 """
 
 from __future__ import annotations
@@ -33,13 +34,12 @@ def causal_flops(lengths: list[int]) -> float:
     return sum(4 * n * n * HEADS * DIM / 2 for n in lengths)  # forward: QK^T and PV over the causal half
 
 
-def timed(fn, grad_of) -> tuple[float, float]:
+def timed(fn, grad: torch.Tensor) -> tuple[float, float]:
     """(forward ms, forward+backward ms), medians."""
     fwd = do_bench(fn, warmup=100, rep=400, return_mode="median")
 
     def both():
-        out = fn()
-        out.backward(grad_of(out))
+        fn().backward(grad)
 
     return fwd, do_bench(both, warmup=100, rep=400, return_mode="median")
 
@@ -76,7 +76,10 @@ def measure(cases: dict, expected: torch.Tensor, flops: float, label: str) -> li
             out = fn()
             got = out.float() if out.shape == expected.shape else out.transpose(1, 2).float()
             err = ((got - expected).norm() / expected.norm()).item()
-            fwd, both = timed(fn, lambda o: torch.ones_like(o))
+            # a random upstream gradient, as training gives (a constant one timed faster on the H100)
+            gen = torch.Generator("cuda").manual_seed(1)
+            grad = torch.randn(out.shape, device="cuda", dtype=out.dtype, generator=gen)
+            fwd, both = timed(fn, grad)
             rows.append({"case": label, "impl": name, "rel_err_vs_sdpa": err, "fwd_ms": fwd, "fwd_bwd_ms": both,
                          "fwd_tflops": flops / fwd / 1e9, "fwd_bwd_tflops": 3.5 * flops / both / 1e9})
         except Exception as e:  # a backend that cannot run this case is reported, not hidden

@@ -62,13 +62,15 @@ def _fwd_blocks(q, K, V, k0, hk, s_kt, s_kh, s_vt, s_vh, m_i, l_i, acc, scale_lo
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, CU_Q, CU_K, scale_log2,
+    Q, K, V, O, LSE, CU_Q, CU_K, max_q, scale_log2,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, s_lh,
     H: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
-    # causal: the last query tiles see the most keys, so they start first and the light ones fill the tail
-    pid_m, bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
+    # A flat grid (no axis limit on sequences x heads), query tiles fastest. Causal: the last query tiles see
+    # the most keys, so they start first and the light ones fill the tail.
+    tiles = tl.cdiv(max_q, BLOCK_M)
+    pid_m, bh = tiles - 1 - tl.program_id(0) % tiles, tl.program_id(0) // tiles
     b, h = bh // H, bh % H
     hk = h // GROUP
     q0, k0 = tl.load(CU_Q + b), tl.load(CU_K + b)
@@ -235,22 +237,27 @@ def _dq_tile(Q, K, V, DO, LSE, DELTA, DQ, pid_m, h, hk, q0, k0, len_q, len_k, sc
              mask=row_ok[:, None])
 
 
-# One launch does both halves of the backward: per sequence x kv head, the first programs each take a key block
-# (dk, dv over the group's query heads), the rest a query tile of one head (dq), so the two halves share the GPU
-# and neither leaves a tail. dq recomputes the probabilities: adding each key block's dq share into float32
-# instead was slower on an H100 at 8K-128K tokens, with plain atomics and with TMA bulk reductions alike.
+# One launch does both halves of the backward, on a flat grid like the forward's. Per sequence x kv head, the
+# first programs each take a key block (dk, dv over the group's query heads), the rest a query tile of one head
+# (dq), so the two halves share the GPU and neither leaves a tail. dq recomputes the probabilities: adding each
+# key block's dq share into float32 instead was slower on an H100 at 8K-128K tokens, with plain atomics and with
+# TMA bulk reductions alike. Also tried there and dropped: heads fastest in the grid (faster at 8K, 6% slower at
+# 32K-128K and on packed documents, likely from less reuse of k/v in L2), the longest documents first (2% faster
+# on the packed bench, 10% slower on many tiny documents), half of each tile's exponentials as a polynomial on
+# the FMA units (forward 7-10% slower).
 @triton.jit
 def _bwd_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, max_k, scale_log2, scale,
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, max_q, max_k, scale_log2, scale,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dt, s_dh, s_lh, s_dqt, s_dqh, s_dkt, s_dkh, s_dvt, s_dvh,
     HK: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid, bh = tl.program_id(0), tl.program_id(1)
+    key_blocks = tl.cdiv(max_k, BLOCK_N1)
+    tiles = key_blocks + GROUP * tl.cdiv(max_q, BLOCK_M2)
+    pid, bh = tl.program_id(0) % tiles, tl.program_id(0) // tiles
     b, hk = bh // HK, bh % HK
     q0, k0 = tl.load(CU_Q + b), tl.load(CU_K + b)
     len_q, len_k = tl.load(CU_Q + b + 1) - q0, tl.load(CU_K + b + 1) - k0
-    key_blocks = tl.cdiv(max_k, BLOCK_N1)
     if pid < key_blocks:  # causal: the first key blocks are seen by the most queries, so they start first
         if pid * BLOCK_N1 < len_k:
             _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, pid, hk, q0, k0, len_q, len_k, scale_log2, scale,
@@ -258,7 +265,7 @@ def _bwd_kernel(
                        GROUP, CAUSAL, D, BLOCK_M1, BLOCK_N1, PREC)
     else:  # the heads of a group side by side (they read the same k/v), the last query tiles first
         tile = pid - key_blocks
-        pid_m = (tl.num_programs(0) - key_blocks) // GROUP - 1 - tile // GROUP
+        pid_m = (tiles - key_blocks) // GROUP - 1 - tile // GROUP
         if pid_m * BLOCK_M2 < len_q:
             _dq_tile(Q, K, V, DO, LSE, DELTA, DQ, pid_m, hk * GROUP + tile % GROUP, hk, q0, k0, len_q, len_k,
                      scale_log2, scale, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dt, s_dh, s_lh, s_dqt, s_dqh,
@@ -329,8 +336,8 @@ class _FlashAttnVarlen(torch.autograd.Function):
         o = torch.empty_like(q)
         lse = torch.empty((heads, total), device=q.device, dtype=torch.float32)
         _launch(
-            "fwd", lambda t: (triton.cdiv(max_q, t["BLOCK_M"]), batch * heads),
-            q, k, v, o, lse, cu_q, cu_k, scale * LOG2E,
+            "fwd", lambda t: (triton.cdiv(max_q, t["BLOCK_M"]) * batch * heads,),
+            q, k, v, o, lse, cu_q, cu_k, max_q, scale * LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
             lse.stride(0), H=heads, GROUP=heads // k.shape[1], CAUSAL=causal, D=dim, PREC=_precision(q),
         )
@@ -352,9 +359,9 @@ class _FlashAttnVarlen(torch.autograd.Function):
         )
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         _launch(
-            "bwd", lambda t: (triton.cdiv(max_k, t["BLOCK_N1"]) + group * triton.cdiv(max_q, t["BLOCK_M2"]),
-                              batch * kv_heads),
-            q, k, v, do, lse, delta, dq, dk, dv, cu_q, cu_k, max_k, scale * LOG2E, scale,
+            "bwd", lambda t: ((triton.cdiv(max_k, t["BLOCK_N1"]) + group * triton.cdiv(max_q, t["BLOCK_M2"]))
+                              * batch * kv_heads,),
+            q, k, v, do, lse, delta, dq, dk, dv, cu_q, cu_k, max_q, max_k, scale * LOG2E, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             lse.stride(0), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             HK=kv_heads, GROUP=group, CAUSAL=causal, D=dim, PREC=_precision(q),

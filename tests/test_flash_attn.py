@@ -70,3 +70,11 @@ def test_unsupported_shapes_are_refused():
 def test_gpu_bf16_real_shapes(dim, causal, heads, kv_heads):
     lengths = [1, 777, 4096, 2049, 130]
     check(lengths, lengths, heads, kv_heads, dim, causal, torch.bfloat16, "cuda", 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_many_short_documents():
+    # 2,100 documents x 32 heads: more programs per tile than a grid's second axis may hold (65,535)
+    lengths = [1, 2, 7, 16, 31, 64, 70] * 300
+    check(lengths, lengths, 32, 8, 64, True, torch.bfloat16, "cuda", 1e-2)
