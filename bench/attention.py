@@ -2,9 +2,9 @@
 
     python bench/attention.py --out results.json
 
-Causal, 32 query heads / 8 kv heads / dim 128, bf16, one sequence of 8K, 32K and 128K
-tokens; then a packed batch of documents of mixed length against FlexAttention with a
-document mask. TFLOP/s count the causal half only: forward 2 matmuls, backward 5.
+Causal, 32 query heads / 8 kv heads / dim 128, bf16: two packed batches against FlexAttention
+with a document mask (documents of mixed length; many short documents), then one sequence of
+8K, 32K and 128K tokens. TFLOP/s count the causal half only: forward 2 matmuls, backward 5.
 Each case is checked against SDPA's output before it is timed; backward gets a random
 upstream gradient.
 """
@@ -98,12 +98,17 @@ def print_row(r: dict) -> None:
               f"{r['rel_err_vs_sdpa']:>10.1e}", flush=True)
 
 
-def packed_documents(total: int, seed: int = 0) -> list[dict]:
+def mixed_lengths(total: int, seed: int = 0) -> list[int]:
     rng = random.Random(seed)
     lengths = []
     while sum(lengths) < total:
         lengths.append(min(rng.choice([rng.randint(64, 1024), rng.randint(1024, 8192), rng.randint(8192, 16384)]),
                            total - sum(lengths)))
+    return lengths
+
+
+def packed_documents(lengths: list[int], seed: int = 0) -> list[dict]:
+    total = sum(lengths)
     q, k, v = inputs(total, seed)
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device="cuda")
     doc = torch.repeat_interleave(torch.arange(len(lengths), device="cuda"), torch.tensor(lengths, device="cuda"))
@@ -131,13 +136,15 @@ def warm_up(seconds: float = 3.0) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="8192,32768,131072")
-    parser.add_argument("--packed", type=int, default=65536)
+    parser.add_argument("--packed", type=int, default=65536, help="tokens of the packed batch of mixed documents")
+    parser.add_argument("--short-docs", default="256x256", help="a packed batch of COUNTxLENGTH equal documents")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}")
     print(f"{'case':<26}{'impl':<24}{'fwd TF/s':>10}{'fwd+bwd TF/s':>14}{'err':>10}")
     warm_up()
-    rows = packed_documents(args.packed)
+    count, length = (int(x) for x in args.short_docs.split("x"))
+    rows = packed_documents(mixed_lengths(args.packed)) + packed_documents([length] * count)
     for n in (int(x) for x in args.lengths.split(",")):
         rows += single_sequence(n)
     if args.out:
