@@ -239,7 +239,9 @@ def _dq_tile(Q, K, V, DO, LSE, DELTA, DQ, pid_m, h, hk, q0, k0, len_q, len_k, sc
 # TMA bulk reductions alike. Also tried there and dropped: heads fastest in the grid (faster at 8K, 6% slower at
 # 32K-128K and on packed documents, likely from less reuse of k/v in L2), the longest documents first (2% faster
 # on the packed bench, 10% slower on many tiny documents), half of each tile's exponentials as a polynomial on
-# the FMA units (forward 7-10% slower).
+# the FMA units (forward 7-10% slower). Triton 3.6's automatic warp specialisation (`tl.range(...,
+# warp_specialize=True)`) does nothing for these loops on Hopper: it fails to compile at 4 warps and leaves
+# the loop unspecialised at 8 (tried on a TMA forward).
 @triton.jit
 def _bwd_kernel(
     Q, K, V, DO, QD, DOD, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, max_q, max_k, scale_log2, scale,
