@@ -107,6 +107,17 @@ def mixed_lengths(total: int, seed: int = 0) -> list[int]:
     return lengths
 
 
+def equal_lengths(text: str) -> list[int]:
+    """COUNTxLENGTH -> COUNT lengths of LENGTH tokens."""
+    try:
+        count, length = (int(x) for x in text.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected COUNTxLENGTH such as 256x256, got {text!r}") from None
+    if count < 1 or length < 1:
+        raise argparse.ArgumentTypeError(f"COUNT and LENGTH must be positive, got {text!r}")
+    return [length] * count
+
+
 def packed_documents(lengths: list[int], seed: int = 0) -> list[dict]:
     total = sum(lengths)
     q, k, v = inputs(total, seed)
@@ -137,14 +148,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="8192,32768,131072")
     parser.add_argument("--packed", type=int, default=65536, help="tokens of the packed batch of mixed documents")
-    parser.add_argument("--short-docs", default="256x256", help="a packed batch of COUNTxLENGTH equal documents")
+    parser.add_argument("--short-docs", default="256x256", type=equal_lengths,
+                        help="a packed batch of COUNTxLENGTH equal documents")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}")
     print(f"{'case':<26}{'impl':<24}{'fwd TF/s':>10}{'fwd+bwd TF/s':>14}{'err':>10}")
     warm_up()
-    count, length = (int(x) for x in args.short_docs.split("x"))
-    rows = packed_documents(mixed_lengths(args.packed)) + packed_documents([length] * count)
+    rows = packed_documents(mixed_lengths(args.packed)) + packed_documents(args.short_docs)
     for n in (int(x) for x in args.lengths.split(",")):
         rows += single_sequence(n)
     if args.out:

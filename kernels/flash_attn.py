@@ -306,11 +306,17 @@ def _size_descriptors(name: str, args: dict) -> None:
 
 
 @functools.cache
-def _tuned(name: str, length_bucket: int):
-    """The autotuner of one kernel for one length bucket (it keys on the arguments named, not on lengths)."""
-    configs = [triton.Config(dict(zip(TILE_NAMES[name], tiles[:-2])), num_warps=tiles[-2], num_stages=tiles[-1],
+def _tuned(name: str, tiles: str | int):
+    """The autotuner of one kernel for one length bucket (it keys on the arguments named, not on lengths),
+    or, for a FIXED_TILES name, the kernel with that one tile (a single config is never timed)."""
+    if isinstance(tiles, str):
+        size, warps, stages = FIXED_TILES[tiles]
+        choices = [(size,) * len(TILE_NAMES[name]) + (warps, stages)]
+    else:
+        choices = AUTOTUNE[name]
+    configs = [triton.Config(dict(zip(TILE_NAMES[name], c[:-2])), num_warps=c[-2], num_stages=c[-1],
                              pre_hook=lambda args, name=name: _size_descriptors(name, args))
-               for tiles in AUTOTUNE[name]]
+               for c in choices]
     return triton.autotune(configs, key=["D", "CAUSAL", "GROUP"])(KERNELS[name])
 
 
@@ -320,13 +326,7 @@ KERNELS = {"fwd": _fwd_kernel, "bwd": _bwd_kernel}
 def _launch(name: str, grid, longest: int, *args, **kwargs) -> None:
     """grid: tile sizes (a dict by name) -> the launch grid; longest: the longest sequence, for the tiles."""
     fixed = "interpret" if INTERPRET else "fp32" if kwargs["PREC"] == "ieee" else None
-    if fixed:
-        size, warps, stages = FIXED_TILES[fixed]
-        tiles = dict.fromkeys(TILE_NAMES[name], size)
-        _size_descriptors(name, {**dict(zip(KERNELS[name].arg_names, args)), **tiles})
-        KERNELS[name][grid(tiles)](*args, **kwargs, **tiles, num_warps=warps, num_stages=stages)
-    else:
-        _tuned(name, triton.next_power_of_2(longest))[grid](*args, **kwargs)
+    _tuned(name, fixed or triton.next_power_of_2(longest))[grid](*args, **kwargs)
 
 
 def _precision(q: torch.Tensor) -> str:
