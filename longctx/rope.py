@@ -232,6 +232,10 @@ def scale_config(config, target_length: int, method: str = "auto", **params: Any
         if factor < 1:
             raise RopeError(f"rope.target_length={target_length}: below the original context {original} "
                             f"(factor {factor:.3g} < 1)")
+        if method == kind and factor < current["factor"]:
+            raise RopeError(f"rope.method={method}: the model's own {kind} scaling has factor {current['factor']:g}; "
+                            f"factor {factor:g} (target {target_length}) would shrink it. Keep it with rope.method=none, "
+                            f"or set a longer rope.target_length")
         new.update(rope_type=method, factor=factor)
         if method in ("yarn", "llama3", "longrope"):
             new["original_max_position_embeddings"] = original
@@ -249,7 +253,7 @@ def scale_config(config, target_length: int, method: str = "auto", **params: Any
     scaled = copy.deepcopy(config)
     scaled.rope_parameters = new
     # dynamic NTK measures lengths against max_position_embeddings: it must stay the original context
-    if method != "dynamic":
+    if new["rope_type"] != "dynamic":
         scaled.max_position_embeddings = max(int(target_length), config.max_position_embeddings)
     return scaled
 
@@ -267,6 +271,8 @@ def scale_from_recipe(config, section, default_target: int) -> tuple[PretrainedC
     params = {k: getattr(section, k) for k in RECIPE_PARAMS if getattr(section, k) is not None}
     before = describe(config)
     if section.method == "none":
+        if section.target_length is not None:
+            params = {"target_length": section.target_length, **params}
         if params:
             raise ConfigError(f"rope.{next(iter(params))}={_short(next(iter(params.values())))}: "
                               f"set but rope.method=none; choose a method")

@@ -1,12 +1,13 @@
 """Every RoPE method equals transformers' own definition; scaled configs round-trip through vanilla transformers."""
 
+import importlib
 import json
 import math
 import random
 
 import pytest
 import torch
-from transformers import LlamaConfig, MistralConfig, Qwen2Config
+from transformers import LlamaConfig, MistralConfig, PhiConfig, Qwen2Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from longctx import rope
@@ -20,18 +21,16 @@ def base_configs():
                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
     yield MistralConfig(hidden_size=256, num_attention_heads=8, head_dim=96, max_position_embeddings=8192,
                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    partial = LlamaConfig(hidden_size=256, num_attention_heads=2, max_position_embeddings=2048,
-                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
-    yield partial
+    yield PhiConfig(hidden_size=256, num_attention_heads=2, max_position_embeddings=2048,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
 
 
 def reference(config, seq_len=None):
     kind = config.rope_parameters["rope_type"]
     if kind == "default":  # transformers computes the default inside each model's rotary module
-        p = config.rope_parameters
-        head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        dim = int(head * p.get("partial_rotary_factor", 1.0))
-        return 1.0 / (p["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)), 1.0
+        module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+        rotary = getattr(module, type(config).__name__.removesuffix("Config") + "RotaryEmbedding")
+        return rotary.compute_default_rope_parameters(config)
     return ROPE_INIT_FUNCTIONS[kind](config, "cpu", seq_len=seq_len)
 
 
@@ -121,6 +120,8 @@ def test_existing_yarn_and_linear_scalings_are_extended_over_the_original_contex
     p = scaled.rope_parameters
     assert p["rope_type"] == "yarn" and p["factor"] == 8.0 and p["beta_fast"] == 16.0
     assert_same(scaled)
+    with pytest.raises(rope.RopeError, match="the model's own yarn scaling has factor 4; factor 2 .* would shrink it"):
+        rope.scale_config(qwen, 65536, "auto")
     # linear records no original context: twice, then 4x further, is 8x in all
     base = next(base_configs())
     twice = rope.scale_config(base, 8192, "linear")
@@ -188,3 +189,12 @@ def test_yarn_x4_export_reproduces_inv_freq_in_vanilla_transformers(tmp_path):
     torch.testing.assert_close(model.model.rotary_emb.inv_freq.float(), ours, rtol=1e-6, atol=0)
     assert model.model.rotary_emb.attention_scaling == pytest.approx(attention)
     assert loaded.rope_parameters["factor"] == 4.0 and loaded.max_position_embeddings == 4096
+
+
+def test_a_base_change_keeps_a_dynamic_models_reference_length():
+    # dynamic NTK measures lengths against max_position_embeddings: a theta change must not move it
+    config = rope.scale_config(next(base_configs()), 16384, "dynamic")
+    theta = rope.scale_config(config, 32768, "theta", theta=config.rope_parameters["rope_theta"])
+    assert theta.max_position_embeddings == config.max_position_embeddings == 4096
+    for seq_len in (2048, 8192, 16384):
+        torch.testing.assert_close(rope.inv_freq(theta, seq_len)[0], rope.inv_freq(config, seq_len)[0])
