@@ -2,15 +2,17 @@
 
 `torch.distributed` reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; the
 `deepspeed` launcher and torchrun set them, SLURM and MPI launchers set their own. This
-module translates before the process group starts:
+module translates before the process group starts, and also sets LOCAL_WORLD_SIZE (ranks on
+this node), which the memory planner needs to tell nodes apart:
 
     already set (deepspeed, torchrun)   left alone
-    srun (one task per GPU)             SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID;
+    srun (one task per GPU)             SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID,
+                                        SLURM_STEP_TASKS_PER_NODE at SLURM_NODEID;
                                         master = first host of SLURM_JOB_NODELIST,
                                         port derived from SLURM_JOB_ID (every task agrees)
-    mpirun: Open MPI                    OMPI_COMM_WORLD_RANK / _SIZE / _LOCAL_RANK
-    mpirun: MPICH, Intel MPI (Hydra)    PMI_RANK / PMI_SIZE / MPI_LOCALRANKID
-    PMIx (srun --mpi=pmix, prterun)     PMIX_RANK, size from the launcher's variables
+    mpirun: Open MPI                    OMPI_COMM_WORLD_RANK / _SIZE / _LOCAL_RANK / _LOCAL_SIZE
+    mpirun: MPICH, Intel MPI (Hydra)    PMI_RANK / PMI_SIZE / MPI_LOCALRANKID / MPI_LOCALNRANKS
+    PMIx (srun --mpi=pmix, prterun)     PMIX_RANK, sizes from the launcher's variables
     MPI without a master address        mpi4py: rank 0 broadcasts its host name and a free port
 
 Nothing here imports torch, so discovery is cheap and runs before any heavy import.
@@ -42,15 +44,19 @@ class World:
     master_addr: Optional[str]  # None: ask MPI (rank 0's host)
     master_port: Optional[int]
     source: str  # which launcher's variables were read, for the log
+    local_size: int = -1  # ranks on this node; -1: not said
 
     def as_env(self) -> dict[str, str]:
-        return {
+        env = {
             "RANK": str(self.rank),
             "WORLD_SIZE": str(self.world_size),
             "LOCAL_RANK": str(self.local_rank),
             "MASTER_ADDR": str(self.master_addr),
             "MASTER_PORT": str(self.master_port),
         }
+        if self.local_size > 0:
+            env["LOCAL_WORLD_SIZE"] = str(self.local_size)
+        return env
 
 
 def first_host(nodelist: str) -> str:
@@ -82,20 +88,41 @@ def _master(env: Mapping[str, str]) -> tuple[Optional[str], Optional[int]]:
     return env.get("MASTER_ADDR"), port
 
 
+def slurm_tasks_on_node(env: Mapping[str, str]) -> Optional[int]:
+    """Tasks of this srun step on this node: SLURM_STEP_TASKS_PER_NODE ('8(x4)' or '2(x2),1') at SLURM_NODEID."""
+    spec, node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE"), env.get("SLURM_NODEID")
+    if spec is None or node is None:
+        return None
+    counts = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if m is None:
+            raise DiscoveryError(f"SLURM_STEP_TASKS_PER_NODE={spec!r}: not a tasks-per-node list")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    index = _int(env, "SLURM_NODEID")
+    if not 0 <= index < len(counts):
+        raise DiscoveryError(f"SLURM_NODEID={index}: outside the {len(counts)} nodes of SLURM_STEP_TASKS_PER_NODE")
+    return counts[index]
+
+
 def _from_mpi_variables(env: Mapping[str, str]) -> Optional[World]:
-    for source, rank_key, size_keys, local_keys in (
-        ("openmpi", "OMPI_COMM_WORLD_RANK", ("OMPI_COMM_WORLD_SIZE",), ("OMPI_COMM_WORLD_LOCAL_RANK",)),
-        ("pmi", "PMI_RANK", ("PMI_SIZE",), ("MPI_LOCALRANKID", "PMI_LOCAL_RANK")),
+    for source, rank_key, size_keys, local_keys, local_size_keys in (
+        ("openmpi", "OMPI_COMM_WORLD_RANK", ("OMPI_COMM_WORLD_SIZE",), ("OMPI_COMM_WORLD_LOCAL_RANK",),
+         ("OMPI_COMM_WORLD_LOCAL_SIZE",)),
+        ("pmi", "PMI_RANK", ("PMI_SIZE",), ("MPI_LOCALRANKID", "PMI_LOCAL_RANK"), ("MPI_LOCALNRANKS",)),
         ("pmix", "PMIX_RANK", ("PMIX_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS"),
-         ("PMIX_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")),
+         ("PMIX_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID"),
+         ("PMIX_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")),
     ):
         if rank_key in env:
             size = _first_int(env, size_keys)
             if size is None:
                 raise DiscoveryError(f"{rank_key} is set but none of {', '.join(size_keys)}: world size unknown")
             local = _first_int(env, local_keys)
+            local_size = _first_int(env, local_size_keys) or slurm_tasks_on_node(env)
             addr, port = _master(env)
-            return World(_int(env, rank_key), size, -1 if local is None else local, addr, port, source)
+            return World(_int(env, rank_key), size, -1 if local is None else local, addr, port, source,
+                         local_size or -1)
     return None
 
 
@@ -115,7 +142,7 @@ def _from_slurm(env: Mapping[str, str]) -> Optional[World]:
         raise DiscoveryError("SLURM_PROCID is set but neither MASTER_PORT nor SLURM_JOB_ID")
     local = _first_int(env, ("SLURM_LOCALID",))
     return World(_int(env, "SLURM_PROCID"), _int(env, "SLURM_STEP_NUM_TASKS"), 0 if local is None else local,
-                 addr, port, "slurm")
+                 addr, port, "slurm", slurm_tasks_on_node(env) or -1)
 
 
 def from_environment(env: Mapping[str, str]) -> Optional[World]:
@@ -163,10 +190,10 @@ def complete_with_mpi(world: Optional[World]) -> World:
     addr, port = (world.master_addr, world.master_port) if world is not None else (None, None)
     if addr is None or port is None:
         addr, port = comm.bcast((addr or socket.gethostname(), port or _free_port()) if comm.Get_rank() == 0 else None)
-    local = world.local_rank if world is not None and world.local_rank >= 0 else None
-    if local is None:
-        local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
-    return World(comm.Get_rank(), comm.Get_size(), local, addr, port, world.source if world else "mpi4py")
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)  # the processes that share this node's memory
+    local = world.local_rank if world is not None and world.local_rank >= 0 else node.Get_rank()
+    local_size = world.local_size if world is not None and world.local_size > 0 else node.Get_size()
+    return World(comm.Get_rank(), comm.Get_size(), local, addr, port, world.source if world else "mpi4py", local_size)
 
 
 def under_mpi_launcher(env: Mapping[str, str]) -> bool:

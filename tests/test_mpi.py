@@ -11,8 +11,10 @@ from longctx.launcher.discovery import DiscoveryError, World, discover, from_env
 
 @pytest.mark.parametrize("env, expected", [
     ({"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
-      "MASTER_ADDR": "n1", "MASTER_PORT": "29500"}, World(5, 16, 1, "n1", 29500, "openmpi")),
-    ({"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "3"}, World(3, 4, 3, None, None, "pmi")),
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "8", "MASTER_ADDR": "n1", "MASTER_PORT": "29500"},
+     World(5, 16, 1, "n1", 29500, "openmpi", 8)),
+    ({"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "3", "MPI_LOCALNRANKS": "4"},
+     World(3, 4, 3, None, None, "pmi", 4)),
     ({"PMIX_RANK": "2", "SLURM_NTASKS": "8", "SLURM_LOCALID": "2", "SLURM_PROCID": "2"},
      World(2, 8, 2, None, None, "pmix")),
     ({"PMI_RANK": "1", "PMI_SIZE": "2"}, World(1, 2, -1, None, None, "pmi")),  # local rank: ask MPI

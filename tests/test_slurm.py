@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from demo_runs import ROOT, SMALL, STEPS, finish, launch, metrics, reference, same_losses, wait_for_steps
-from longctx.launcher.discovery import World, first_host, from_environment
+from longctx.launcher.discovery import World, discover, first_host, from_environment
 
 SRUN = '''
     """srun: start SLURM_NNODES x SLURM_NTASKS_PER_NODE tasks here, forward signals, exit with the worst status."""
@@ -62,6 +62,21 @@ def test_srun_task_variables_map_to_a_world():
     assert from_environment({**step, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}).master_port == 29500
     # the batch script itself is no rank: without an srun step there is no world to join
     assert from_environment({k: v for k, v in step.items() if k != "SLURM_STEP_NUM_TASKS"}) is None
+
+
+@pytest.mark.parametrize("tasks, node, local_size", [("8(x4)", "1", 8), ("2(x2),1", "2", 1), ("3,5", "1", 5)])
+def test_srun_tasks_per_node_tell_the_planner_how_many_nodes(monkeypatch, tasks, node, local_size):
+    from longctx.launcher.run import job_cluster
+
+    step = {"SLURM_PROCID": "9", "SLURM_STEP_NUM_TASKS": "32", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[1-4]",
+            "SLURM_JOB_ID": "7", "SLURM_STEP_TASKS_PER_NODE": tasks, "SLURM_NODEID": node}
+    world = from_environment(step)
+    assert world.local_size == local_size and world.as_env()["LOCAL_WORLD_SIZE"] == str(local_size)
+    env = dict(step)
+    discover(env)
+    monkeypatch.setattr(os, "environ", env)  # what a task of this step sees, and nothing of this process's
+    cluster = job_cluster()
+    assert (cluster.nodes, cluster.gpus_per_node) == (32 // local_size, local_size)
 
 
 def shim(folder: Path, name: str, body: str) -> None:
