@@ -30,6 +30,7 @@ from typing import Iterator, Optional
 from longctx.checkpointing import PROCESS_HOST_BYTES, Layout, choose_layout, layout_for
 from longctx.config import LORA_TARGETS_ALL, ConfigError, Recipe, load_recipe
 from longctx.launcher.dsconfig import template
+from longctx.sequence_parallel import allowed_degrees, check_layout
 from longctx.tiled_mlp import AUTO_MIN_TOKENS
 
 GiB = 2**30
@@ -187,13 +188,7 @@ def _gib(n: int) -> float:
 
 
 def _check(shape: ModelShape, settings: Settings, cluster: Cluster, seq_len: int) -> None:
-    sp = settings.sp
-    if cluster.world % sp:
-        raise ConfigError(f"parallel.sp={sp}: must divide the {cluster.world} ranks")
-    if shape.heads % sp:
-        raise ConfigError(f"parallel.sp={sp}: must divide the model's {shape.heads} attention heads")
-    if seq_len % sp:
-        raise ConfigError(f"data.seq_len={seq_len}: must be divisible by parallel.sp={sp}")
+    check_layout(settings.sp, cluster.world, seq_len, shape.heads, shape.kv_heads)  # the rule the run applies
     if settings.offload_params and settings.zero_stage != 3:
         raise ConfigError("parallel.offload_params=true: needs parallel.zero_stage=3")
     if settings.offload_optimizer and settings.zero_stage == 0:
@@ -375,8 +370,8 @@ def candidates(shape: ModelShape, cluster: Cluster, fixed: Settings, free: set[s
     offloads = ((False, False), (True, False), (True, True)) if "offload" in free else (
         (fixed.offload_optimizer, fixed.offload_params),)
     # sp ranks share a node (topology.py): the planner does not choose sp across nodes
-    sps = [d for d in range(1, cluster.gpus_per_node + 1)
-           if cluster.gpus_per_node % d == 0 and shape.heads % d == 0] if "sp" in free else [fixed.sp]
+    sps = [d for d in allowed_degrees(shape.heads, shape.kv_heads) if cluster.gpus_per_node % d == 0] \
+        if "sp" in free else [fixed.sp]
     # auto finds the fastest layout that fits (plain layers, inputs on the GPU, or in host memory)
     policies = ("auto",) if "checkpointing" in free else (fixed.checkpointing,)
     for (opt, par), sp, policy, stage in itertools.product(offloads, sps, policies, stages):
@@ -405,12 +400,13 @@ def longest_any(shape: ModelShape, f: Features, cluster: Cluster, fixed: Setting
     return best, best_settings
 
 
-ATTENTION_OF_BACKEND = {"auto": "flash", "triton": "flash", "flex": "flash", "sdpa": "sdpa-mask", "eager": "eager"}
+# our sdpa backend runs one SDPA call per document, no mask: counted as SDPA's flash backend, whose
+# fp32 dq accumulator is the largest of SDPA's fused kernels
+ATTENTION_OF_BACKEND = {"auto": "flash", "triton": "flash", "flex": "flash", "sdpa": "sdpa-flash", "eager": "eager"}
 
 
 def from_recipe(recipe: Recipe, on_gpu: bool = True) -> tuple[ModelShape, Features, Settings]:
-    """The planner's view of a recipe. On GPUs auto attention is our flash kernel for packed
-    sequences, and our sdpa backend builds a dense document mask (counted, to be safe)."""
+    """The planner's view of a recipe: on GPUs bf16 and the fused RMSNorm, on CPU fp32 and transformers' norm."""
     shape = ModelShape.from_config_dir(recipe.model.path or recipe.model.config)
     dtype = recipe.model.dtype if recipe.model.dtype != "auto" else ("bf16" if on_gpu else "fp32")
     lora = recipe.lora
@@ -449,13 +445,13 @@ def refusal(recipe: Recipe, cluster: Cluster) -> Optional[str]:
             f"{longest}; {instead} (`longctx plan` shows the table; --ignore-plan runs anyway)")
 
 
-def resolve_auto(recipe: Recipe, cluster: Cluster) -> tuple[Recipe, Optional[str]]:
+def resolve_auto(recipe: Recipe, cluster: Cluster, on_gpu: bool = True) -> tuple[Recipe, Optional[str]]:
     """The recipe with the `parallel.auto` settings replaced by the planner's choice for this
     cluster, and a line saying what was chosen (None when nothing is left to the planner)."""
     free = set(recipe.parallel.auto)
     if not free:
         return recipe, None
-    shape, f, s = from_recipe(recipe)
+    shape, f, s = from_recipe(recipe, on_gpu)
     chosen = choose(shape, f, cluster, recipe.data.seq_len, s, free)
     if chosen is None:
         raise ConfigError(f"parallel.auto={sorted(free)}: no choice fits data.seq_len={recipe.data.seq_len} on "
@@ -471,9 +467,9 @@ def resolve_auto(recipe: Recipe, cluster: Cluster) -> tuple[Recipe, Optional[str
 
 def parse_bytes(text: str) -> int:
     """'80GiB' -> 80 * 2**30, '80GB' -> 80 * 10**9, '512G' -> GiB (as nvidia-smi and free mean it)."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
-    if not m:
-        raise ValueError(f"{text!r}: not a size such as 80GiB, 80GB or 512G")
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a positive size such as 80GiB, 80GB or 512G")
     number, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
     power = "KMGT".index(unit) + 1 if unit else 0
     decimal = text.strip().upper().endswith("B") and not binary
@@ -494,21 +490,40 @@ def format_table(est: Estimate) -> str:
     return "\n".join(lines)
 
 
+def _count(least: int):
+    """An argparse type: a whole number >= least (its error names the value; argparse adds the flag)."""
+    def parse(text: str) -> int:
+        if not text.strip().isdigit() or int(text) < least:
+            raise argparse.ArgumentTypeError(f"{text!r}: not a whole number >= {least}")
+        return int(text)
+
+    return parse
+
+
+def _searchable(text: str) -> set[str]:
+    names = {k for k in text.split(",") if k}
+    unknown = sorted(names - set(SEARCHABLE))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{','.join(unknown)}: not one of {','.join(SEARCHABLE)}")
+    return names
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     from longctx.cli import ArgParser
 
     p = ArgParser(prog="longctx plan", description="Predict per-GPU and host memory of a recipe; choose settings that fit.")
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("overrides", nargs="*", help="key=value recipe overrides")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=1)
-    p.add_argument("--gpu-mem", default="80GiB", help="memory of one GPU")
-    p.add_argument("--host-mem", default="512GiB", help="host memory of one node")
-    p.add_argument("--free", default=",".join(SEARCHABLE),
+    p.add_argument("--nodes", type=_count(1), default=1)
+    p.add_argument("--gpus-per-node", type=_count(1), default=1)
+    p.add_argument("--gpu-mem", type=parse_bytes, default="80GiB", help="memory of one GPU")
+    p.add_argument("--host-mem", type=parse_bytes, default="512GiB", help="host memory of one node")
+    p.add_argument("--free", type=_searchable, default=",".join(SEARCHABLE),
                    help=f"settings the planner may choose, from {','.join(SEARCHABLE)} ('' = none)")
     p.add_argument("--attention", choices=ATTENTION_KINDS, help="override the attention kind implied by the recipe")
     p.add_argument("--loss", choices=("chunked", "full"), help="full: (seq x vocab) logits, as plain Hugging Face")
-    p.add_argument("--mlp-tile-tokens", type=int, default=0, help="tiled MLP: tokens per tile (0 = untiled)")
+    p.add_argument("--mlp-tile-tokens", type=_count(0), help="tiled MLP: tokens per tile (0 = untiled); "
+                   "default: the recipe's train.tiled_mlp and train.mlp_tile_tokens")
     p.add_argument("--norm", choices=("fused", "torch"), help="torch: transformers' RMSNorm (keeps a float32 input copy)")
     p.add_argument("--engine", choices=("deepspeed", "torch"), default="deepspeed",
                    help="torch: plain optimizer, adapters in fp32 (peft's default), no ZeRO buffers")
@@ -540,14 +555,13 @@ def plan(recipe: Recipe, cluster: Cluster, f_overrides: dict,
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    try:
-        cluster = Cluster(args.nodes, args.gpus_per_node, parse_bytes(args.gpu_mem), parse_bytes(args.host_mem))
-    except ValueError as e:
-        raise ConfigError(f"longctx plan: {e}") from None
+    cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_mem, args.host_mem)
     recipe = load_recipe(args.recipe, args.overrides)
-    free = {k for k in args.free.split(",") if k}
+    free = args.free
     f_overrides = {k: v for k, v in (("attention", args.attention), ("loss", args.loss), ("norm", args.norm),
-                                      ("mlp_tile_tokens", args.mlp_tile_tokens or None)) if v is not None}
+                                      ("mlp_tile_tokens", args.mlp_tile_tokens)) if v is not None}
+    if args.mlp_tile_tokens is not None:  # a tile size given on the command line applies at every length
+        f_overrides["mlp_tile_from"] = 0
     if args.engine == "torch":
         f_overrides.update(engine="torch", adapter_fp32=True)
     result, as_written, chosen = plan(recipe, cluster, f_overrides, free)

@@ -2,6 +2,7 @@
 counts, the measured plain-Hugging-Face anchor, each feature switch, the search, the CLI,
 the launcher's refusal, and the recipes' planner comments."""
 
+import argparse
 import json
 import re
 from dataclasses import replace
@@ -12,11 +13,12 @@ import torch
 
 from longctx.config import LORA_TARGETS_ALL, ConfigError, load_recipe
 from longctx.launcher.plan import (
-    GiB, SEARCHABLE, Cluster, Features, ModelShape, Settings, choose, estimate, from_recipe, longest_fitting,
+    GiB, SEARCHABLE, Cluster, Features, ModelShape, Settings, candidates, choose, estimate, from_recipe, longest_fitting,
     loss_working_set, main, model_states, parse_bytes, refusal, resolve_auto, saved_per_token,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+RECIPE = str(ROOT / "recipes" / "llama3-8b-lora-1gpu.yaml")
 # Llama-3.1-8B's published architecture
 LLAMA_8B = ModelShape(hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256)
 ONE_H100 = Cluster(nodes=1, gpus_per_node=1, gpu_mem=80 * GiB, host_mem=125 * GiB)
@@ -183,8 +185,28 @@ def test_refusal_when_offloaded_inputs_exceed_host_memory():
 def test_parse_bytes():
     assert parse_bytes("80GiB") == 80 * 2**30 and parse_bytes("80GB") == 80 * 10**9
     assert parse_bytes("512G") == 512 * 2**30 and parse_bytes("2TiB") == 2 * 2**40
-    with pytest.raises(ValueError, match="not a size"):
-        parse_bytes("lots")
+    for bad in ("lots", "0", "1.5.5GiB"):
+        with pytest.raises(argparse.ArgumentTypeError, match="not a positive size"):
+            parse_bytes(bad)
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--nodes", "0", "argument --nodes: '0': not a whole number >= 1"),
+    ("--free", "sp,bogus", "argument --free: bogus: not one of zero_stage,offload,sp,checkpointing"),
+    ("--gpu-mem", "0", "argument --gpu-mem: '0': not a positive size"),
+    ("--mlp-tile-tokens", "-1", "argument --mlp-tile-tokens: '-1': not a whole number >= 0"),
+])
+def test_cli_flags_are_checked(flag, value, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        main([RECIPE, f"{flag}={value}"])
+
+
+def test_cli_mlp_tile_tokens_zero_plans_an_untiled_mlp(capsys):
+    peaks = []
+    for args in ([], ["--mlp-tile-tokens", "0"], ["train.tiled_mlp=never"]):
+        main([RECIPE, "--json", *args])
+        peaks.append(json.loads(capsys.readouterr().out)["recipe"]["gpu_peak_gib"])
+    assert peaks[1] == peaks[2] > peaks[0]
 
 
 def test_cli_json_and_table(capsys):
@@ -196,7 +218,7 @@ def test_cli_json_and_table(capsys):
     assert main([demo, "--gpu-mem", "1GiB", "--free", "", "data.seq_len=131072", "--loss", "full"]) == 1
     table = capsys.readouterr().out
     assert "does NOT fit" in table and "loss working set" in table and "no setting of (none free)" in table
-    with pytest.raises(ConfigError, match="parallel.sp=2: must divide the 1 ranks"):
+    with pytest.raises(ConfigError, match=r"parallel.sp=2: must divide the number of ranks \(1\)"):
         main([demo, "parallel.sp=2"])
 
 
@@ -219,3 +241,12 @@ def test_recipe_comment_states_the_planner_prediction(name, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["recipe"]["gpu_peak_gib"] == pytest.approx(float(peak), abs=0.05)
     assert out["recipe_longest_seq_len"] == int(longest.replace(",", ""))
+
+
+def test_sp_candidates_are_the_degrees_the_run_accepts():
+    # 12 query / 4 kv heads: sp 3 and 6 split the query heads but neither split nor repeat the kv heads evenly
+    shape = replace(LLAMA_8B, heads=12, kv_heads=4)
+    sps = {s.sp for s in candidates(shape, Cluster(nodes=1, gpus_per_node=6, gpu_mem=80 * GiB), Settings(), {"sp"})}
+    assert sps == {1, 2}
+    with pytest.raises(ConfigError, match="parallel.sp=3: the model cannot be split"):
+        estimate(shape, Features(), Settings(sp=3), Cluster(nodes=1, gpus_per_node=6, gpu_mem=80 * GiB), 3072)
