@@ -2,8 +2,9 @@
 
 Also `python launcher/run.py ...` (one process), `longctx train ...`, `srun python launcher/run.py`
 and `mpirun -n N python launcher/run.py` (ranks discovered from SLURM/MPI variables). The recipe
-is validated, and on GPUs checked against the memory planner, before anything is loaded or
-written; a bad value or a step that cannot fit exits with code 2 and one line.
+is validated against the schema and its files (model config, tokenizer, data, checkpoint), and
+on GPUs against the memory planner, before anything is loaded or written; a bad value or a step
+that cannot fit exits with code 2 and one line.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from longctx.checkpoint import tag_for
+from longctx.cli import ArgParser
 from longctx.config import ConfigError, Recipe, load_recipe
 from longctx.launcher.discovery import DiscoveryError, discover
 
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="longctx train", description=__doc__.splitlines()[0])
+    parser = ArgParser(prog="longctx train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="recipe YAML file")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     parser.add_argument("--ignore-plan", action="store_true", help="train even if the memory planner says it cannot fit")
@@ -69,7 +71,8 @@ def job_cluster() -> Cluster:
     from longctx.launcher.plan import Cluster
 
     world = int(os.environ["WORLD_SIZE"])
-    local = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or world)  # deepspeed, torchrun
+    # ranks on this node: deepspeed's launcher sets LOCAL_SIZE; torchrun and our SLURM/MPI discovery LOCAL_WORLD_SIZE
+    local = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or world)
     host = available_host_bytes()
     return Cluster(nodes=max(1, world // local), gpus_per_node=local, gpu_mem=gpu_memory() or host // local,
                    host_mem=host)
@@ -81,7 +84,7 @@ def resolve_parallel_auto(recipe: Recipe) -> Recipe:
         return recipe
     from longctx.launcher.plan import resolve_auto
 
-    recipe, line = resolve_auto(recipe, job_cluster())
+    recipe, line = resolve_auto(recipe, job_cluster(), on_gpu=gpu_memory() is not None)
     if int(os.environ["RANK"]) == 0:
         print(line, file=sys.stderr)
     return recipe
@@ -97,18 +100,26 @@ def check_plan(recipe: Recipe) -> None:
             raise ConfigError(reason)
 
 
+def refuse(error: Exception) -> int:
+    """Every rank reaches the same verdict; rank 0 says it, in one line."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {error}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
         single_process_env()
         recipe = resolve_parallel_auto(load_recipe(args.config, args.overrides))
         check_world(recipe)
+        from longctx.preflight import check_inputs
+
+        check_inputs(recipe)
         if not args.ignore_plan:
             check_plan(recipe)
     except (ConfigError, DiscoveryError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:  # every rank reaches the same verdict; one says it
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+        return refuse(e)
     rank = int(os.environ["RANK"])
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
@@ -121,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     topo = init_topology(recipe.parallel.sp)
     run_dir = Path(recipe.train.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    summary = train(recipe, topo, run_dir)
+    try:
+        summary = train(recipe, topo, run_dir)
+    except ConfigError as e:  # a rule only the loaded data can check (e.g. records in a format we do not read)
+        return refuse(e)
     if rank == 0:
         print(report(summary, run_dir))
         print(json.dumps(summary))

@@ -2,8 +2,8 @@
 
 Packed documents are read from `position_ids`: a position 0 starts a document (so does each
 row), and no token attends across a document boundary. A caller that already knows the
-boundaries (sequence parallelism, a flattening collator) may pass transformers' own
-`cu_seq_lens_q` / `max_length_q` keywords instead. Our mask function builds no mask, so
+boundaries (a flattening collator) may pass transformers' own `cu_seq_lens_q` /
+`max_length_q` keywords instead; sequence parallelism passes the gathered position_ids. Our mask function builds no mask, so
 transformers never materialises (seq x seq); each backend keeps documents apart itself:
 
     triton  our flash attention (kernels/flash_attn.py), varlen over the documents
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+from longctx.config import ConfigError
 from longctx.kernels.flash_attn import flash_attn_varlen_func, reference_attention
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ def documents_from_cu_seqlens(cu_seqlens: torch.Tensor) -> Documents:
 
 # Every layer of one forward (and its checkpointed recompute) asks about the same position_ids
 # tensor: the answer is kept for that tensor, at that version, so the host sync happens once.
+# (Under sequence parallelism each layer gathers a new tensor, and pays the sync itself.)
 _memo: tuple[torch.Tensor, int, Documents] | None = None
 
 
@@ -214,6 +216,10 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
                          "instead of padding them")
     if dropout and module.training:
         raise ValueError("longctx attention has no attention dropout; set the model's attention_dropout to 0")
+    window = kwargs.get("sliding_window")
+    if window is not None and window < key.shape[2]:
+        raise ValueError(f"longctx attention is full causal, but this layer attends within a sliding window of {window} "
+                         f"tokens over {key.shape[2]}; set the model config's sliding_window to null to train it so")
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     docs = None
@@ -230,6 +236,17 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     return run(q, k, v, docs, scale), None
 
 
+def sliding_window(config) -> int | None:
+    """The window of a model whose layers attend only to the last `sliding_window` keys (Mistral; Qwen2 with
+    use_sliding_window), or None: full causal attention."""
+    text = config.get_text_config()
+    window = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return int(window)
+
+
 def no_mask(*args, attention_mask=None, **kwargs) -> None:
     """transformers' mask hook for our names: documents come from position_ids, padding is refused."""
     if attention_mask is not None and not bool(attention_mask.all()):
@@ -241,10 +258,10 @@ def _refuse_unsupported(backend: str, device: torch.device) -> None:
     if device.type == "cuda":
         return
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"attention.backend=triton needs a CUDA GPU (device is {device}); on CPU use auto or sdpa "
+        raise ConfigError(f"attention.backend=triton needs a CUDA GPU (device is {device}); on CPU use auto or sdpa "
                          "(TRITON_INTERPRET=1 runs the kernels in Triton's interpreter, for tests)")
     if device.type != "cpu" and backend != "eager":
-        raise ValueError(f"attention.backend={backend}: no backend but eager is built for device {device}")
+        raise ConfigError(f"attention.backend={backend}: no backend but eager is built for device {device}")
 
 
 def attention_implementation(backend: str, device: torch.device | str | None = None) -> str:

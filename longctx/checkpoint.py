@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from longctx.config import ConfigError
+
 MARKER = "COMPLETE"
 
 
@@ -39,7 +41,8 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / MARKER).exists():
-        raise ValueError(f"train.resume={resume}: not a complete checkpoint (no {MARKER} marker)")
+        raise ConfigError(f"train.resume={resume!r}: not a complete checkpoint (no {MARKER} file in it); "
+                          f"allowed: auto, never, or a checkpoint directory such as <out_dir>/checkpoints/{tag_for(1)}")
     return path
 
 

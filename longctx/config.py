@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 import os
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, Optional
@@ -74,7 +75,8 @@ class DataSection:
                              "empty = the embedded corpus (Python sources + passkey documents)")
     seq_len: int = _f(1024, "tokens per packed training sequence", min=8)
     min_doc_tokens: int = _f(0, "drop documents shorter than this many tokens", min=0)
-    max_documents: Optional[int] = _f(None, "use at most this many documents", min=1)
+    max_documents: Optional[int] = _f(None, "use at most this many documents (embedded corpus: source files; "
+                                      "the passkey documents come on top)", min=1)
     passkey_documents: int = _f(64, "embedded corpus: number of synthetic passkey documents", min=0)
     num_proc: int = _f(2, "tokenizer processes", min=1)
 
@@ -132,8 +134,8 @@ class LoraSection:
 class EvalSection:
     at_end: list[str] = _f([], "evaluations run after training on the exported model",
                            each_choices=["ppl", "needle", "middle"])
-    lengths: list[int] = _f([256, 512, 1024], "context lengths (tokens) for ppl and needle")
-    depths: list[float] = _f([0.0, 0.5, 1.0], "needle depths, fractions of the context")
+    lengths: list[int] = _f([256, 512, 1024], "context lengths (tokens) for ppl and needle", each_min=1)
+    depths: list[float] = _f([0.0, 0.5, 1.0], "needle depths, fractions of the context", each_min=0.0, each_max=1.0)
     trials: int = _f(2, "needles per (length, depth) cell", min=1)
 
 
@@ -240,6 +242,9 @@ def load_recipe(path: Optional[str], overrides: list[str] = ()) -> Recipe:
 def _check_field(key: str, value: Any, meta: dict) -> None:
     if value is None:
         return
+    items = value if isinstance(value, list) else [value]
+    if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+        raise ConfigError(f"{key}={value!r}: must be a finite number")
     if "choices" in meta and value not in meta["choices"]:
         allowed = "|".join(str(c) for c in meta["choices"])
         raise ConfigError(f"{key}={value!r}: must be one of {allowed}")
@@ -247,6 +252,14 @@ def _check_field(key: str, value: Any, meta: dict) -> None:
         for v in value:
             if v not in meta["each_choices"]:
                 raise ConfigError(f"{key}: {v!r} is not one of {'|'.join(meta['each_choices'])}")
+    if "each_min" in meta or "each_max" in meta:
+        lo, hi = meta.get("each_min", -math.inf), meta.get("each_max", math.inf)
+        if not value:
+            raise ConfigError(f"{key}=[]: needs at least one value")
+        for v in value:
+            if not lo <= v <= hi:
+                bounds = f"in [{lo}, {hi}]" if "each_max" in meta else f">= {lo}"
+                raise ConfigError(f"{key}: {v!r} must be {bounds}")
     if "min" in meta:
         lo = meta["min"]
         if value < lo or (meta.get("exclusive_min") and value == lo):
@@ -282,9 +295,6 @@ def validate(r: Recipe) -> None:
         raise ConfigError(f"model.tokenizer={m.tokenizer!r}: no such directory")
     if r.data.path is not None and not os.path.exists(r.data.path):
         raise ConfigError(f"data.path={r.data.path!r}: no such file or directory")
-    res = r.train.resume
-    if res not in ("auto", "never") and not os.path.isdir(res):
-        raise ConfigError(f"train.resume={res!r}: must be auto, never, or an existing checkpoint directory")
     p = r.parallel
     if p.offload_params and p.zero_stage != 3:
         raise ConfigError(f"parallel.offload_params=true: needs parallel.zero_stage=3 (got {p.zero_stage})")
@@ -294,10 +304,6 @@ def validate(r: Recipe) -> None:
         raise ConfigError(f"data.seq_len={r.data.seq_len}: must be divisible by parallel.sp={p.sp}")
     if r.lora.enabled and not r.lora.targets:
         raise ConfigError("lora.targets=[]: LoRA needs at least one target module")
-    if r.rope.method == "none" and any(
-        getattr(r.rope, k) is not None for k in ("factor", "theta", "beta_fast", "beta_slow", "low_freq_factor")
-    ):
-        raise ConfigError("rope.method=none: a RoPE parameter is set but no method; set rope.method")
 
 
 def to_yaml(r: Recipe) -> str:

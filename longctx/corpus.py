@@ -2,7 +2,7 @@
 
 The Python standard library's own sources are long, varied, human-written text and exist
 wherever Python does, so the demo and the tests need no download. Passkey documents add a
-retrieval signal: a number stated once early, asked for at the end.
+retrieval signal: a number stated at a random depth, asked for at the end.
 """
 
 from __future__ import annotations
@@ -44,4 +44,5 @@ def passkey_documents(count: int, seed: int = 0) -> Iterator[dict]:
 
 
 def embedded_corpus(passkeys: int, seed: int = 0, max_files: int | None = None) -> list[dict]:
+    """At most `max_files` standard-library sources, then `passkeys` passkey documents."""
     return list(stdlib_sources(max_files)) + list(passkey_documents(passkeys, seed))

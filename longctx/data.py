@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,17 +37,41 @@ def data_files(path: str) -> tuple[str, list[str]]:
     return kinds.pop(), files
 
 
+def check_records(path: str) -> str:
+    """The record format of the files at `path`, read from their first record only (streamed)."""
+    import datasets
+
+    builder, files = data_files(path)
+    if builder == "text":
+        return "text"
+    logger = logging.getLogger("datasets")  # it logs a parse error before raising it: the error says it once
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        first = next(iter(datasets.load_dataset(builder, data_files=files, split="train", streaming=True)), None)
+    except StopIteration:  # raised by datasets itself for a file without a line
+        first = None
+    except Exception as e:  # datasets wraps a parse error in its own exception types
+        cause = e.__cause__ or e
+        raise ConfigError(f"data.path={path!r}: cannot read {builder} records "
+                          f"({type(cause).__name__}: {(str(cause).strip() or '-').splitlines()[0]})") from None
+    finally:
+        logger.setLevel(level)
+    if first is None:
+        raise ConfigError(f"data.path={path!r}: no records in it")
+    return record_format(list(first), path)
+
+
 def load_documents(section: DataSection, seed: int):
     """A `datasets.Dataset` of records: local files, or the embedded corpus."""
     import datasets
 
-    if section.path is None:
-        ds = datasets.Dataset.from_list(embedded_corpus(section.passkey_documents, seed))
-    else:
-        builder, files = data_files(section.path)
-        # a .txt file is one document, not one per line
-        kwargs = {"sample_by": "document"} if builder == "text" else {}
-        ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
+    if section.path is None:  # max_documents counts the source files: the passkey documents come on top
+        return datasets.Dataset.from_list(embedded_corpus(section.passkey_documents, seed, section.max_documents))
+    builder, files = data_files(section.path)
+    # a .txt file is one document, not one per line
+    kwargs = {"sample_by": "document"} if builder == "text" else {}
+    ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
     if section.max_documents is not None:
         ds = ds.select(range(min(section.max_documents, len(ds))))
     return ds
@@ -76,8 +101,12 @@ def tokenize_record(record: dict, tokenizer, fmt: str) -> dict:
     ids: list[int] = []
     mask: list[int] = []
     for i, message in enumerate(record["messages"]):
-        upto = tokenizer.apply_chat_template(record["messages"][: i + 1], tokenize=True, return_dict=False)
-        new = list(upto[len(ids):])
+        upto = list(tokenizer.apply_chat_template(record["messages"][: i + 1], tokenize=True, return_dict=False))
+        if upto[: len(ids)] != ids:  # the template re-renders earlier turns (e.g. drops their reasoning)
+            raise ConfigError(f"data.path: the tokenizer's chat template renders the first {i} messages of a "
+                              f"conversation differently once message {i + 1} follows, so turns cannot be told "
+                              f"apart; use prompt/completion records or a template that only appends")
+        new = upto[len(ids):]
         ids += new
         mask += [int(message["role"] == "assistant")] * len(new)
     return {"input_ids": ids, "loss_mask": mask}

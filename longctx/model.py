@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from longctx.attention import attention_implementation
 from longctx.checkpointing import Layout, apply_checkpointing, layer_input_bytes, layout_for, require_host_memory
-from longctx.config import LoraSection, Recipe
+from longctx.config import ConfigError, LoraSection, Recipe
 from longctx.tiled_mlp import apply_tiled_mlp, use_tiled_mlp
 
 log = logging.getLogger(__name__)
@@ -38,11 +38,9 @@ def load_tokenizer(recipe: Recipe):
 
 def scaled_config(recipe: Recipe) -> tuple[PretrainedConfig, dict]:
     """The model config with the recipe's RoPE scaling written in, and the effective values."""
-    config = AutoConfig.from_pretrained(model_dir(recipe))
-    if recipe.rope.method == "none":
-        return config, {"method": "none", "rope_parameters": dict(config.rope_parameters or {})}
     from longctx.rope import scale_from_recipe
 
+    config = AutoConfig.from_pretrained(model_dir(recipe))
     return scale_from_recipe(config, recipe.rope, default_target=recipe.data.seq_len)
 
 
@@ -70,23 +68,27 @@ def lora_config(section: LoraSection):
     )
 
 
+def check_lora_targets(model: torch.nn.Module, section: LoraSection) -> None:
+    leaves = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if not any(module.children())}
+    missing = [t for t in section.targets if t not in leaves]
+    if missing:
+        raise ConfigError(f"lora.targets: {'|'.join(missing)} not in the model; its layers: {'|'.join(sorted(leaves))}")
+
+
 def add_lora(model: torch.nn.Module, section: LoraSection) -> torch.nn.Module:
     from peft import get_peft_model
 
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in section.targets if t not in present]
-    if missing:
-        raise ValueError(f"lora.targets: {missing} not found in the model (its modules include {sorted(present)[:12]}...)")
+    check_lora_targets(model, section)
     return get_peft_model(model, lora_config(section))
 
 
 def patch_model(model: torch.nn.Module, recipe: Recipe, device: torch.device, world: int = 1) -> list[str]:
     """Apply attention, RoPE and RMSNorm kernels, checkpointing and MLP tiling; returns a line per change for the run log."""
     changes = []
-    attn = attention_implementation(recipe.attention.backend)
+    attn = attention_implementation(recipe.attention.backend, device)
     model.set_attn_implementation(attn)
     changes.append(f"attention: {attn}")
-    if torch.cuda.is_available():  # the kernels need a GPU; CPU runs keep transformers' own code
+    if device.type == "cuda":  # the kernels need a GPU; CPU runs keep transformers' own code
         from longctx.kernels.rms_norm import use_fused_rms_norm
         from longctx.kernels.rope import use_fused_rope
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from longctx import checkpoint, export, sequence_parallel
-from longctx.config import Recipe, to_yaml
+from longctx.config import ConfigError, Recipe, to_yaml
 from longctx.data import Packed, WindowSampler, build_packed
 from longctx.launcher.dsconfig import build_ds_config, check_ds_config
 from longctx.launcher.topology import Topology
@@ -113,11 +113,18 @@ class Metrics:
 
 
 def build_data(recipe: Recipe, tokenizer, topo: Topology, run_dir: Path) -> Packed:
-    """Rank 0 tokenises and packs into the run's cache; the other ranks read that cache."""
+    """Rank 0 tokenises and packs into the run's cache; the other ranks read that cache. A data error on
+    rank 0 (say, too few tokens for one window) reaches every rank, so all stop with it."""
     cache = run_dir / "data"
+    error = [None]
     if topo.rank == 0:
-        packed = build_packed(recipe.data, tokenizer, recipe.train.seed, str(cache))
-    dist.barrier()
+        try:
+            packed = build_packed(recipe.data, tokenizer, recipe.train.seed, str(cache))
+        except ConfigError as e:
+            error = [str(e)]
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise ConfigError(error[0])
     if topo.rank != 0:
         packed = build_packed(recipe.data, tokenizer, recipe.train.seed, str(cache))
     return packed

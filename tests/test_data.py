@@ -1,5 +1,6 @@
 """Packing keeps document boundaries; every record format and file kind loads; order is a function of the step."""
 
+import copy
 import json
 
 import numpy as np
@@ -57,6 +58,18 @@ def test_chat_loss_only_on_assistant_turns(tokenizer):
     assert "Four." in tokenizer.decode(answer) and "two plus" not in tokenizer.decode(answer)
 
 
+def test_chat_template_that_rewrites_earlier_turns_is_refused(tokenizer):
+    # as reasoning templates do: an earlier assistant turn loses its <think> part once the conversation goes on
+    rewriting = copy.deepcopy(tokenizer)
+    rewriting.chat_template = ("{% for m in messages %}{% if m.role == 'assistant' and not loop.last %}"
+                               "{{ m.content.split('</think>')[-1] }}{% else %}{{ m.content }}{% endif %}{% endfor %}")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>hmm</think>Hello"},
+                {"role": "user", "content": "bye"}]
+    with pytest.raises(ConfigError, match="renders the first 2 messages of a conversation differently"):
+        tokenize_record({"messages": messages}, rewriting, "messages")
+    assert tokenize_record({"messages": messages[:2]}, rewriting, "messages")["input_ids"]  # ends on the turn: fine
+
+
 @pytest.mark.parametrize("kind", ["jsonl", "json", "parquet", "txt", "folder", "prompt_completion"])
 def test_local_files_load_and_pack(tmp_path, tokenizer, kind):
     texts = [f"def f{i}(x):\n    return x * {i}\n" * 20 for i in range(6)]
@@ -109,6 +122,14 @@ def test_embedded_corpus_has_long_documents_and_passkeys(tokenizer, tmp_path):
     packed = build_packed(section, tokenizer, seed=0, cache_dir=str(tmp_path))
     assert len(packed) > 100
     assert packed.position_ids.max() == 511  # documents longer than a window exist
+
+
+def test_max_documents_caps_the_source_files_and_keeps_the_passkeys():
+    from longctx.data import load_documents
+
+    docs = load_documents(DataSection(max_documents=3, passkey_documents=5), seed=0)
+    sources = [s.split("/")[0] for s in docs["source"]]
+    assert sources == ["stdlib"] * 3 + ["passkey"] * 5
 
 
 def test_sampler_is_a_pure_function_of_step_and_covers_each_epoch():

@@ -27,6 +27,18 @@ def run_launcher(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
         ("parallel.zero_stage=4", "parallel.zero_stage=4: must be one of 0|1|2|3"),  # not an allowed value
         ("model.config=/no/such/dir", "model.config='/no/such/dir': not a directory with a config.json"),  # missing path
         ("parallel.offload_params=true", "parallel.offload_params=true: needs parallel.zero_stage=3"),  # combination
+        ("train.lr=nan", "train.lr=nan: must be a finite number"),
+        ("eval.depths=[0.5,2.0]", "eval.depths: 2.0 must be in [0.0, 1.0]"),
+        ("eval.lengths=[]", "eval.lengths=[]: needs at least one value"),
+        ("rope.method=none rope.mscale=2", "rope.mscale=2.0: set but rope.method=none"),
+        ("--bogus", "longctx train: unrecognized arguments: --bogus"),
+        # rules that read the recipe's files: still before anything is written
+        ("rope.method=theta", "rope.method=theta: needs rope.theta"),
+        ("lora.enabled=true lora.targets=[q_proj,bogus]", "lora.targets: bogus not in the model"),
+        ("train.resume=tests", "train.resume='tests': not a complete checkpoint"),
+        ("data.path=pyproject.toml", "data.path='pyproject.toml': expected .jsonl/.json/.parquet/.txt files"),
+        ("model.tokenizer=tests", "model.tokenizer='tests': no tokenizer loads from it"),
+        ("eval.at_end=[needle] eval.lengths=[8]", "eval.lengths: 8 tokens cannot hold 1 needle(s)"),
         ("data.seq_len=1000", None),  # valid on its own: contrasts the failing cases
     ],
 )
@@ -36,7 +48,7 @@ def test_bad_override_exits_2_with_one_line_and_writes_nothing(tmp_path, overrid
         recipe = load_recipe(str(ROOT / DEMO), [override, f"train.out_dir={out}"])
         assert recipe.data.seq_len == 1000
         return
-    proc = run_launcher("--config", DEMO, f"train.out_dir={out}", override)
+    proc = run_launcher("--config", DEMO, f"train.out_dir={out}", *override.split())
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
@@ -79,3 +91,43 @@ def test_text_keys_keep_the_text_as_typed():
         load_recipe(DEMO, ["train.tiled_mlp=on"])
     assert load_recipe(DEMO, ["train.out_dir=1e3"]).train.out_dir == "1e3"
     assert load_recipe(DEMO, ["model.tokenizer=null"]).model.tokenizer is None
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('{"title": "no text field"}\n', "records need a 'text' field"),
+    ("", "no records in it"),
+    ("not json\n", "cannot read json records"),
+])
+def test_data_records_are_checked_before_anything_is_written(tmp_path, content, expected):
+    data, out = tmp_path / "docs.jsonl", tmp_path / "run"
+    data.write_text(content)
+    proc = run_launcher("--config", DEMO, f"train.out_dir={out}", f"data.path={data}")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr
+    assert not out.exists()
+
+
+def test_a_sliding_window_shorter_than_the_sequence_is_refused():
+    from transformers import MistralConfig
+
+    from longctx.preflight import check_attention
+
+    recipe = load_recipe(DEMO, ["data.seq_len=1024"])
+    with pytest.raises(ConfigError, match="sliding window of 512 tokens, shorter than data.seq_len=1024"):
+        check_attention(MistralConfig(sliding_window=512), recipe)
+    check_attention(MistralConfig(sliding_window=1024), recipe)  # the window covers every sequence: exact
+    check_attention(MistralConfig(sliding_window=None), recipe)
+
+
+def test_sequence_parallel_refuses_rope_chosen_per_forward():
+    from transformers import LlamaConfig
+
+    from longctx.preflight import check_sequence_parallel_rope
+
+    dynamic = LlamaConfig(rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0})
+    with pytest.raises(ConfigError, match="parallel.sp=2: dynamic RoPE picks its frequencies"):
+        check_sequence_parallel_rope(dynamic, 2)
+    check_sequence_parallel_rope(dynamic, 1)
+    yarn = LlamaConfig(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                        "original_max_position_embeddings": 2048})
+    check_sequence_parallel_rope(yarn, 2)

@@ -1,0 +1,71 @@
+"""The recipe's checks that read its files: the model config, the tokenizer, the data, the checkpoint.
+
+They run after the schema's own rules and before anything is written or loaded onto a device,
+so a value that cannot run exits with code 2 and one line naming its key, as a bad key does,
+instead of failing minutes later inside a rank. Only config.json and the tokenizer are read;
+LoRA targets are looked up on a model built on the meta device (no memory, no weights).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from longctx.attention import attention_implementation, sliding_window
+from longctx.checkpoint import resolve_resume
+from longctx.config import ConfigError, Recipe
+from longctx.data import check_records
+from longctx.model import check_lora_targets, load_tokenizer, model_dir, scaled_config
+from longctx.rope import rope_parameters
+
+# RoPE types whose frequencies transformers picks per forward from the largest position it is given
+PER_FORWARD_ROPE = ("dynamic", "longrope")
+
+
+def check_inputs(recipe: Recipe) -> None:
+    """Raise ConfigError, one line naming the key, for a recipe that cannot run on its files."""
+    config, _ = scaled_config(recipe)  # every RoPE rule
+    # the backend must run on the device DeepSpeed will pick (DS_ACCELERATOR, else CUDA when present)
+    device = os.environ.get("DS_ACCELERATOR") or ("cuda" if torch.cuda.is_available() else "cpu")
+    attention_implementation(recipe.attention.backend, device)
+    check_attention(config, recipe)
+    check_sequence_parallel_rope(config, recipe.parallel.sp)
+    if recipe.lora.enabled:
+        with torch.device("meta"):
+            check_lora_targets(AutoModelForCausalLM.from_config(config), recipe.lora)
+    try:
+        tokenizer = load_tokenizer(recipe)
+    except Exception as e:  # transformers raises OSError, ValueError or others for a directory it cannot read
+        key = "model.tokenizer" if recipe.model.tokenizer else "model.path" if recipe.model.path else "model.config"
+        raise ConfigError(f"{key}={recipe.model.tokenizer or model_dir(recipe)!r}: no tokenizer loads from it "
+                          f"({str(e).strip().splitlines()[0]})") from None
+    if recipe.data.path is not None:
+        check_records(recipe.data.path)
+    resolve_resume(recipe.train.resume, Path(recipe.train.out_dir) / "checkpoints")
+    if "needle" in recipe.eval.at_end:
+        from longctx.evaluation.reports import check_needle_lengths
+
+        check_needle_lengths(tokenizer, recipe.eval.lengths, 1, "one", "eval.lengths")
+
+
+def check_attention(config: PretrainedConfig, recipe: Recipe) -> None:
+    """Our attention is full causal over each document: a model that attends within a shorter window is refused."""
+    window = sliding_window(config)
+    if window is not None and window < recipe.data.seq_len:
+        key = "model.path" if recipe.model.path else "model.config"
+        raise ConfigError(f"{key}={model_dir(recipe)!r}: the model attends within a sliding window of {window} tokens, "
+                          f"shorter than data.seq_len={recipe.data.seq_len}, and longctx attention is full causal; "
+                          f"set \"sliding_window\": null in a copy of its config.json to train it with full attention")
+
+
+def check_sequence_parallel_rope(config: PretrainedConfig, sp: int) -> None:
+    """dynamic and longrope choose frequencies from the largest position a forward sees; an sp rank sees only
+    its shard, so ranks would rotate the same sequence differently."""
+    kind = rope_parameters(config)["rope_type"]
+    if sp > 1 and kind in PER_FORWARD_ROPE:
+        raise ConfigError(f"parallel.sp={sp}: {kind} RoPE picks its frequencies from the positions each rank sees, "
+                          f"and a sequence-parallel rank sees only its shard; use parallel.sp=1 or a fixed scaling "
+                          f"(rope.method=yarn|llama3|linear|ntk|theta)")
