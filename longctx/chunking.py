@@ -21,9 +21,11 @@ PARAGRAPH_END = re.compile(r"\n[ \t]*\n\s*")
 
 
 def fixed_windows(n_tokens: int, window: int, overlap: int = 0) -> list[tuple[int, int]]:
-    """[start, end) spans covering 0..n_tokens; each starts `window - overlap` after the previous."""
+    """[start, end) spans covering 0..n_tokens (none for no tokens); each starts `window - overlap` after the previous."""
     if window < 1 or not 0 <= overlap < window:
         raise ValueError(f"window={window}, overlap={overlap}: need window >= 1 and 0 <= overlap < window")
+    if n_tokens == 0:
+        return []
     spans, start = [], 0
     while True:
         end = min(start + window, n_tokens)
@@ -69,6 +71,8 @@ def semantic_chunks(text: str, tokenizer, max_tokens: int) -> list[str]:
     Each chunk ends at the last section start that fits if one lies in the second half of the cap
     (a chunk should hold whole sections), else at the last paragraph end that fits, else after
     exactly `max_tokens` tokens. Every cut falls between two tokens of the whole text."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens}: must be >= 1")
     starts = token_starts(text, tokenizer)
     n = len(starts)
     sections, paragraphs = boundary_cuts(text, starts)
@@ -117,6 +121,10 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if not Path(args.file).is_file():
         raise ConfigError(f"file={args.file}: no such file")
+    if args.semantic is not None and args.overlap:
+        raise ConfigError(f"--overlap={args.overlap}: applies to --window only; semantic chunks do not overlap")
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        raise ConfigError(f"--out {args.out}: its directory does not exist")
     text = Path(args.file).read_text(encoding="utf-8", errors="replace")
     tokenizer = load_tokenizer(args.tokenizer)
     if args.window is not None:

@@ -24,9 +24,12 @@ def test_fixed_windows_cover_every_token_with_exactly_the_overlap(n, window, ove
         assert seen == [1] * n
 
 
-def test_bad_windows_are_refused():
+def test_bad_windows_are_refused_and_no_tokens_make_no_window(demo_dir):
     with pytest.raises(ValueError, match="overlap"):
         fixed_windows(10, 4, 4)
+    with pytest.raises(ValueError, match="max_tokens=0"):
+        semantic_chunks("text", AutoTokenizer.from_pretrained(demo_dir), 0)
+    assert fixed_windows(0, 4) == []
 
 
 def test_semantic_chunks_rejoin_to_the_text_and_never_split_a_token(demo_dir):
@@ -107,6 +110,8 @@ def test_chunk_command_windows_overlap_and_refusals(demo_dir, tmp_path, capsys):
     assert [r["start"] for r in rows[:3]] == [0, 40, 80] and all(r["end"] - r["start"] == 50 for r in rows[:-1])
     for argv, message in [(["--window", "5", "--overlap", "5"], "--window/--overlap"),
                           (["--semantic", "0"], "--semantic=0"),
+                          (["--semantic", "50", "--overlap", "3"], "--overlap=3: applies to --window only"),
+                          (["--window", "5", "--out", str(tmp_path / "no" / "x.jsonl")], "its directory does not exist"),
                           (["--window", "5", "--semantic", "5"], "not allowed with argument")]:
         assert main(["chunk", str(doc), "--tokenizer", str(demo_dir)] + argv) == 2
         assert message in capsys.readouterr().err

@@ -95,15 +95,29 @@ def test_lengths_parse_with_suffixes():
     (["eval", "ppl", "--model", "{m}", "--stride", "8", "--score-last", "8"], "not allowed with argument"),
     (["eval", "ppl", "--model", "{m}", "rope.bogus=1"], "rope.bogus=1"),
     (["eval", "ppl", "--model", "{m}", "method=yarn"], "method=yarn: RoPE overrides are written rope.key=value"),
+    (["eval", "ppl", "--model", "{m}", "rope.method=yarn"], "rope.method=yarn: needs rope.factor or rope.target_length"),
+    (["eval", "ppl", "--model", "{m}", "rope.factor=4", "rope.factor=2"], "rope.factor: given twice"),
+    (["eval", "ppl", "--model", "{m}", "--model", "{m}/../{name}"], "models need directories whose last two parts differ"),
+    (["eval", "ppl", "--model", "{demo}"], "no weights in it"),
     (["eval", "ppl", "--model", "{m}", "--data", "/no/data.jsonl"], "--data /no/data.jsonl: no such file"),
     (["eval", "ppl", "--model", "{m}", "--data", "{short}", "--lengths", "1k"], "no --data document reaches 1k tokens"),
 ])
-def test_bad_eval_arguments_exit_2_with_one_line_and_write_nothing(tiny_model_dir, tmp_path, capsys, argv, message):
+def test_bad_eval_arguments_exit_2_with_one_line_and_write_nothing(tiny_model_dir, demo_dir, tmp_path, capsys, argv,
+                                                                   message):
     short_doc = tmp_path / "short.txt"
     short_doc.write_text("too short to evaluate at a thousand tokens")
     out = tmp_path / "out"
-    argv = [a.replace("{m}", str(tiny_model_dir)).replace("{short}", str(short_doc)) for a in argv]
+    argv = [a.replace("{m}", str(tiny_model_dir)).replace("{short}", str(short_doc)).replace("{demo}", str(demo_dir))
+            .replace("{name}", tiny_model_dir.name) for a in argv]
     assert main(argv + ["--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_out_that_is_a_file_is_refused(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    out.write_text("{}")
+    assert main(["eval", "ppl", "--model", str(tiny_model_dir), "--out", str(out)]) == 2
+    assert f"--out {out}: a file, not a directory" in capsys.readouterr().err
+    assert out.read_text() == "{}"

@@ -16,6 +16,9 @@ from longctx.evaluation.needle import MAX_NEEDLES
 from longctx.evaluation.reports import (check_needle_lengths, long_documents, middle_report, needle_report, ppl_report,
                                         summary_line)
 
+# what from_pretrained loads weights from (sharded checkpoints through their index)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
 
 def parser() -> ArgParser:
     p = ArgParser(prog="longctx eval", description=__doc__.splitlines()[0])
@@ -60,8 +63,17 @@ def check(args) -> None:
     for d in args.model:
         if not (Path(d) / "config.json").is_file():
             raise ConfigError(f"--model {d}: not a directory with a config.json (models load from local dirs)")
+        if not any((Path(d) / f).is_file() for f in WEIGHT_FILES):
+            raise ConfigError(f"--model {d}: no weights in it (expected one of {', '.join(WEIGHT_FILES)})")
     if args.task != "ppl" and len(args.model) > 1:
         raise ConfigError(f"--model: {args.task} evaluates one model at a time (got {len(args.model)})")
+    labels = [model_name(d) for d in args.model]
+    for i, label in enumerate(labels):
+        if label in labels[:i]:
+            raise ConfigError(f"--model {args.model[i]}: reported as {label!r}, as {args.model[labels.index(label)]} is; "
+                              f"models need directories whose last two parts differ")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out}: a file, not a directory")
     for f in args.data or []:
         if not Path(f).exists():
             raise ConfigError(f"--data {f}: no such file or directory")

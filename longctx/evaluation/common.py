@@ -102,13 +102,19 @@ def rope_override(config, overrides: list[str]):
         key, _, value = item.partition("=")
         if not key.startswith("rope.") or not value:
             raise ConfigError(f"{item}: RoPE overrides are written rope.key=value (e.g. rope.method=yarn)")
+        if key[5:] in params:
+            raise ConfigError(f"{key}: given twice")
         params[key[5:]] = _rope_value(key[5:], value)
     method = params.pop("method", "auto")
+    stretch = "factor" in params or "target_length" in params
     target = int(params.pop("target_length", 0)) or int(original_context(config) * params.get("factor", 1))
     try:
-        return scale_config(config, target, method, **params)
+        scaled = scale_config(config, target, method, **params)
     except RopeError as e:
         raise ConfigError(str(e)) from None
+    if method != "theta" and not stretch:  # checked after the keys themselves, so a misspelt one is named first
+        raise ConfigError(f"rope.method={method}: needs rope.factor or rope.target_length (how far to stretch)")
+    return scaled
 
 
 def rope_variants(overrides: list[str]) -> list[list[str]]:
