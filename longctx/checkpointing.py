@@ -209,13 +209,12 @@ class LayerInputOffloader:
 
     def _unpin(self, buf: Optional[torch.Tensor]) -> None:
         if buf is not None and buf.data_ptr() in self._pinned:
+            torch.cuda.synchronize()  # no copy may still be reading or writing it
             torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
             self._pinned.remove(buf.data_ptr())
 
     def close(self) -> None:
         """Unpin and free the host buffers."""
-        if self._pinned:
-            torch.cuda.synchronize()  # no copy may still be reading or writing them
         for buf in self._host.values():
             self._unpin(buf)
         self._host.clear()

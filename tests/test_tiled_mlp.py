@@ -1,5 +1,7 @@
 """The tiled MLP (DeepSpeed's TiledMLP over sequence tiles) equals the untiled MLP in values and gradients."""
 
+import math
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -40,8 +42,15 @@ def test_tiled_mlp_equals_untiled(rows, seq, tile):
     model = tiny_llama()
     reference = loss_and_grads(model, rows, seq)
     undo = apply_tiled_mlp(model, tile)
+    calls = []
+    hooks = [layer.mlp.down_proj.register_forward_hook(lambda *_: calls.append(1)) for layer in model.model.layers]
     tiled = loss_and_grads(model, rows, seq)
+    for hook in hooks:
+        hook.remove()
     undo()
+    tiles = math.ceil(seq / tile)
+    # each tile runs without grad in forward and again in backward; one tile is the plain MLP
+    assert len(calls) == len(hooks) * (2 * tiles if tiles > 1 else 1)
     assert_close(tiled, reference)
     assert_close(loss_and_grads(model, rows, seq), reference, tol=1e-7)  # undone: the original again
 
