@@ -32,6 +32,14 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and (p / MARKER).exists())
 
 
+def check_resumable(path: Path, world_size: int) -> None:
+    """A checkpoint resumes only in a world of the size that wrote it (ZeRO partitions and per-rank RNG state)."""
+    written = len(list(path.glob("rng-rank*.pt")))
+    if written != world_size:
+        raise ConfigError(f"train.resume: {path} was written by {written} ranks, this run has {world_size}; "
+                          f"resume with {written} ranks, or set train.resume=never")
+
+
 def resolve_resume(resume: str, root: Path) -> Path | None:
     """The checkpoint to resume from: newest complete one (auto), none (never), or a given one."""
     if resume == "never":
@@ -75,6 +83,9 @@ def save(engine, root: Path, step: int, client_state: dict, keep: int) -> Path:
         os.replace(tmp, root / "latest")
         for old in complete_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+        for left in root.glob("step-*"):  # tags a crash left unfinished before this one: never resumed
+            if left.is_dir() and left.name < tag and not (left / MARKER).exists():
+                shutil.rmtree(left, ignore_errors=True)
     dist.barrier()
     return root / tag
 
@@ -82,7 +93,5 @@ def save(engine, root: Path, step: int, client_state: dict, keep: int) -> Path:
 def load(engine, path: Path) -> dict:
     """Restore engine states and this rank's RNG; returns the client state saved with them."""
     _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
-    rng = path / f"rng-rank{dist.get_rank()}.pt"
-    if rng.exists():
-        _set_rng_state(torch.load(rng, weights_only=False))
+    _set_rng_state(torch.load(path / f"rng-rank{dist.get_rank()}.pt", weights_only=False))
     return client_state

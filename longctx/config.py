@@ -302,6 +302,10 @@ def validate(r: Recipe) -> None:
         raise ConfigError("parallel.offload_optimizer=true: needs parallel.zero_stage >= 1 (got 0)")
     if r.data.seq_len % p.sp:
         raise ConfigError(f"data.seq_len={r.data.seq_len}: must be divisible by parallel.sp={p.sp}")
+    t = r.train
+    if t.gpu_checkpoint_layers and t.checkpointing != "offload":
+        raise ConfigError(f"train.gpu_checkpoint_layers={t.gpu_checkpoint_layers}: applies to train.checkpointing=offload "
+                          f"only (got {t.checkpointing})")
     if r.lora.enabled and not r.lora.targets:
         raise ConfigError("lora.targets=[]: LoRA needs at least one target module")
 

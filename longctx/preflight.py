@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from longctx.attention import attention_implementation, sliding_window
-from longctx.checkpoint import resolve_resume
+from longctx.checkpoint import check_resumable, resolve_resume
 from longctx.config import ConfigError, Recipe
 from longctx.data import check_records
 from longctx.model import check_lora_targets, load_tokenizer, model_dir, scaled_config
@@ -33,6 +33,10 @@ def check_inputs(recipe: Recipe) -> None:
     attention_implementation(recipe.attention.backend, device)
     check_attention(config, recipe)
     check_sequence_parallel_rope(config, recipe.parallel.sp)
+    layers = config.get_text_config().num_hidden_layers
+    if recipe.train.gpu_checkpoint_layers > layers:
+        raise ConfigError(f"train.gpu_checkpoint_layers={recipe.train.gpu_checkpoint_layers}: the model has "
+                          f"{layers} layers")
     if recipe.lora.enabled:
         with torch.device("meta"):
             check_lora_targets(AutoModelForCausalLM.from_config(config), recipe.lora)
@@ -44,7 +48,9 @@ def check_inputs(recipe: Recipe) -> None:
                           f"({str(e).strip().splitlines()[0]})") from None
     if recipe.data.path is not None:
         check_records(recipe.data.path)
-    resolve_resume(recipe.train.resume, Path(recipe.train.out_dir) / "checkpoints")
+    resume = resolve_resume(recipe.train.resume, Path(recipe.train.out_dir) / "checkpoints")
+    if resume is not None:
+        check_resumable(resume, int(os.environ.get("WORLD_SIZE", "1")))
     if "needle" in recipe.eval.at_end:
         from longctx.evaluation.reports import check_needle_lengths
 

@@ -8,6 +8,7 @@ and sp do not change it.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -218,8 +219,13 @@ def train(recipe: Recipe, topo: Topology, run_dir: Path) -> dict:
     if status == "finished" and t.export:
         summary.update(export.export_run(engine, model, recipe, tokenizer, run_dir, is_main))
         if recipe.eval.at_end and is_main:
+            # the exported model is evaluated alone: the engine's weights and optimizer states go first, and
+            # the other ranks have returned (no collective waits on an evaluation of unknown length)
+            del engine, model
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             from longctx.evaluation import run_at_end
 
             summary["eval"] = run_at_end(summary["hf"], recipe.eval, str(run_dir / "eval"))
-        dist.barrier()
     return summary

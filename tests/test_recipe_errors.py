@@ -9,7 +9,7 @@ import pytest
 from longctx.config import ConfigError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = "recipes/demo-cpu.yaml"
+DEMO = str(ROOT / "recipes" / "demo-cpu.yaml")
 
 
 def run_launcher(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -32,6 +32,8 @@ def run_launcher(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
         ("eval.lengths=[]", "eval.lengths=[]: needs at least one value"),
         ("rope.method=none rope.mscale=2", "rope.mscale=2.0: set but rope.method=none"),
         ("--bogus", "longctx train: unrecognized arguments: --bogus"),
+        ("train.gpu_checkpoint_layers=1", "train.gpu_checkpoint_layers=1: applies to train.checkpointing=offload only"),
+        ("train.checkpointing=offload train.gpu_checkpoint_layers=99", "train.gpu_checkpoint_layers=99: the model has"),
         # rules that read the recipe's files: still before anything is written
         ("rope.method=theta", "rope.method=theta: needs rope.theta"),
         ("lora.enabled=true lora.targets=[q_proj,bogus]", "lora.targets: bogus not in the model"),
@@ -45,7 +47,7 @@ def run_launcher(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 def test_bad_override_exits_2_with_one_line_and_writes_nothing(tmp_path, override, expected):
     out = tmp_path / "run"
     if expected is None:
-        recipe = load_recipe(str(ROOT / DEMO), [override, f"train.out_dir={out}"])
+        recipe = load_recipe(DEMO, [override, f"train.out_dir={out}"])
         assert recipe.data.seq_len == 1000
         return
     proc = run_launcher("--config", DEMO, f"train.out_dir={out}", *override.split())
@@ -104,6 +106,17 @@ def test_data_records_are_checked_before_anything_is_written(tmp_path, content, 
     proc = run_launcher("--config", DEMO, f"train.out_dir={out}", f"data.path={data}")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr
+    assert not out.exists()
+
+
+def test_a_checkpoint_resumes_only_in_a_world_of_its_size(tmp_path):
+    tag = tmp_path / "step-0000002"
+    tag.mkdir()
+    for name in ("COMPLETE", "rng-rank0.pt", "rng-rank1.pt"):
+        (tag / name).write_text("")
+    out = tmp_path / "run"
+    proc = run_launcher("--config", DEMO, f"train.out_dir={out}", f"train.resume={tag}")
+    assert proc.returncode == 2 and "was written by 2 ranks, this run has 1" in proc.stderr, proc.stderr
     assert not out.exists()
 
 
