@@ -25,23 +25,23 @@ SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "t
 FORMATS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "messages": ("messages",)}
 
 
-def data_files(path: str) -> tuple[str, list[str]]:
-    """(datasets builder, files) for a file or a folder of files of one kind."""
+def data_files(path: str, key: str = "data.path") -> tuple[str, list[str]]:
+    """(datasets builder, files) for a file or a folder of files of one kind; errors name `key`."""
     p = Path(path)
     files = sorted(str(f) for f in p.rglob("*") if f.suffix in SUFFIXES) if p.is_dir() else [str(p)]
     kinds = {SUFFIXES.get(Path(f).suffix) for f in files}
     if not files or None in kinds:
-        raise ConfigError(f"data.path={path!r}: expected .jsonl/.json/.parquet/.txt files")
+        raise ConfigError(f"{key}={path!r}: expected .jsonl/.json/.parquet/.txt files")
     if len(kinds) > 1:
-        raise ConfigError(f"data.path={path!r}: mixes file kinds {sorted(kinds)}; use one kind per folder")
+        raise ConfigError(f"{key}={path!r}: mixes file kinds {sorted(kinds)}; use one kind per folder")
     return kinds.pop(), files
 
 
-def check_records(path: str) -> str:
+def check_records(path: str, key: str = "data.path") -> str:
     """The record format of the files at `path`, read from their first record only (streamed)."""
     import datasets
 
-    builder, files = data_files(path)
+    builder, files = data_files(path, key)
     if builder == "text":
         return "text"
     logger = logging.getLogger("datasets")  # it logs a parse error before raising it: the error says it once
@@ -53,13 +53,13 @@ def check_records(path: str) -> str:
         first = None
     except Exception as e:  # datasets wraps a parse error in its own exception types
         cause = e.__cause__ or e
-        raise ConfigError(f"data.path={path!r}: cannot read {builder} records "
+        raise ConfigError(f"{key}={path!r}: cannot read {builder} records "
                           f"({type(cause).__name__}: {(str(cause).strip() or '-').splitlines()[0]})") from None
     finally:
         logger.setLevel(level)
     if first is None:
-        raise ConfigError(f"data.path={path!r}: no records in it")
-    return record_format(list(first), path)
+        raise ConfigError(f"{key}={path!r}: no records in it")
+    return record_format(list(first), path, key)
 
 
 def load_documents(section: DataSection, seed: int):
@@ -77,12 +77,12 @@ def load_documents(section: DataSection, seed: int):
     return ds
 
 
-def record_format(columns: list[str], path: str | None) -> str:
+def record_format(columns: list[str], path: str | None, key: str = "data.path") -> str:
     for name, needed in FORMATS.items():
         if all(c in columns for c in needed):
             return name
     raise ConfigError(
-        f"data.path={path!r}: records need a 'text' field, 'prompt'+'completion', or 'messages' (got {columns})"
+        f"{key}={path!r}: records need a 'text' field, 'prompt'+'completion', or 'messages' (got {columns})"
     )
 
 

@@ -222,6 +222,9 @@ def scale_config(config, target_length: int, method: str = "auto", **params: Any
     elif method == "ntk":
         # NTK-aware: base * factor^(d/(d-2)), the base dynamic NTK (factor 1) reaches at factor x the context
         factor = float(params.get("factor") or target_length / config.max_position_embeddings)
+        if factor < 1:
+            raise RopeError(f"rope.target_length={target_length}: below the context {config.max_position_embeddings} "
+                            f"(ntk factor {factor:.3g} < 1)")
         new["rope_theta"] = current["rope_theta"] * factor ** (dim / (dim - 2))
     else:
         factor = params.pop("factor", None)

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from transformers import PretrainedConfig
 
 from longctx import rope
 from longctx.cli import ArgParser
-from longctx.config import ConfigError
+from longctx.config import ConfigError, RopeSection
 
 PARAM_FLAGS = ("factor", "theta", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor",
                "low_freq_factor", "high_freq_factor")
@@ -35,6 +37,22 @@ def parse_length(text: str) -> int:
         return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a length (e.g. 32768, 32k, 1m)") from None
+
+
+def rope_number(name: str):
+    """An argparse type for the flag of recipe key rope.<name>: a finite number within the recipe's bounds."""
+    low = next(f.metadata.get("min", -math.inf) for f in fields(RopeSection) if f.name == name)
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number >= {low}")
+        return value
+
+    return parse
 
 
 def parse_floats(text: str) -> list[float]:
@@ -64,7 +82,7 @@ def parser() -> argparse.ArgumentParser:
     scale.add_argument("--copy", action="store_true", help="copy weight files instead of linking them")
     scale.add_argument("--no-truncate", dest="truncate", action="store_false", default=None, help="yarn: no truncation")
     for name in PARAM_FLAGS:
-        scale.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float)
+        scale.add_argument(f"--{name.replace('_', '-')}", dest=name, type=rope_number(name))
     for name in LIST_FLAGS:
         scale.add_argument(f"--{name.replace('_', '-')}", dest=name, type=parse_floats, help="longrope: 1.0,1.1,...")
     return p

@@ -28,7 +28,7 @@ def count_documents(path: str, tokenizer) -> list[int]:
     from longctx.data import load_documents, record_format, tokenize_record
 
     ds = load_documents(DataSection(path=path), seed=0)
-    fmt = record_format(ds.column_names, path)
+    fmt = record_format(ds.column_names, path, "path")
     return [len(tokenize_record(r, tokenizer, fmt)["input_ids"]) for r in tqdm(ds, desc=Path(path).name, leave=False)]
 
 
@@ -39,7 +39,7 @@ def summarize(counts: list[int], lengths: list[int]) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from longctx.data import data_files
+    from longctx.data import check_records, data_files
     from longctx.evaluation.common import parse_lengths
 
     p = ArgParser(prog="longctx count-tokens", description=__doc__.splitlines()[0])
@@ -52,10 +52,9 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"path={args.path}: no such file or directory")
     lengths = parse_lengths(args.lengths)
     tokenizer = load_tokenizer(args.tokenizer)
-    try:
-        files = data_files(args.path)[1]
-    except ConfigError as e:
-        raise ConfigError(f"path={args.path}: {str(e).partition(': ')[2]}") from None
+    files = data_files(args.path, "path")[1]
+    for f in files:  # an empty or unreadable file is refused before any is counted
+        check_records(f, "path")
     per_file = {f: count_documents(f, tokenizer) for f in files}
     everything = [c for counts in per_file.values() for c in counts]
     report = {"files": {f: summarize(c, lengths) for f, c in per_file.items()}, "total": summarize(everything, lengths)}

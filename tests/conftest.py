@@ -12,7 +12,9 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-DEMO = Path(__file__).resolve().parents[1] / "longctx" / "assets" / "demo-llama"
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "longctx" / "assets" / "demo-llama"
+os.chdir(ROOT)  # recipes name their model directories relative to the repository root, as users run them
 
 
 @pytest.fixture(scope="session")

@@ -40,6 +40,9 @@ def test_scale_writes_a_copy_with_the_scaling_and_linked_files(tiny_model_dir, t
         (["--target", "128"], "--target=128: below the original context 256"),
         (["--target", "1k", "--method", "longrope", "--short-factor", "1,x"], "'1,x' is not a comma-separated list"),
         (["--target", "1k", "--method", "magic"], "argument --method: invalid choice: 'magic'"),
+        (["--target", "1k", "--method", "theta", "--theta", "0"], "argument --theta: '0': must be a finite number >= 1.0"),
+        (["--target", "1k", "--method", "yarn", "--factor", "nan"], "argument --factor: 'nan': must be a finite number"),
+        (["--target", "128", "--method", "ntk"], "--target=128: below the context 256 (ntk factor 0.5 < 1)"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line_and_write_nothing(demo_dir, tmp_path, capsys, args, message):

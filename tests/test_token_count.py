@@ -39,7 +39,11 @@ def test_count_tokens_command_per_file_and_total(demo_dir, tmp_path, capsys):
 
 def test_count_tokens_refuses_bad_input_in_one_line(demo_dir, tmp_path, capsys):
     (tmp_path / "x.csv").write_text("a,b\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "broken.jsonl").write_text("not json\n")
     for argv, message in [([str(tmp_path / "nope")], "path="), ([str(tmp_path / "x.csv")], "path="),
+                          ([str(tmp_path / "empty.jsonl")], "empty.jsonl': no records in it"),
+                          ([str(tmp_path / "broken.jsonl")], "broken.jsonl': cannot read json records"),
                           ([str(tmp_path), "--lengths", "4k,lots"], "--lengths=4k,lots"),
                           ([str(tmp_path)], "")]:
         tokenizer = str(demo_dir) if message else str(tmp_path / "missing")

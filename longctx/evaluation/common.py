@@ -156,17 +156,16 @@ def document_texts(paths: list[str]) -> list[str]:
     import datasets
 
     from longctx.config import DataSection
-    from longctx.data import load_documents, record_format
+    from longctx.data import check_records, load_documents, record_format
 
     texts = []
     bars_were_off = datasets.are_progress_bars_disabled()
     for path in paths:
         datasets.disable_progress_bars()  # reading a local file needs no bar, and an error must stay one line
         try:
+            check_records(path, "--data")
             ds = load_documents(DataSection(path=path), seed=0)
-            fmt = record_format(ds.column_names, path)
-        except ConfigError as e:
-            raise ConfigError(f"--data {path}: {str(e).partition(': ')[2]}") from None
+            fmt = record_format(ds.column_names, path, "--data")
         finally:
             if not bars_were_off:
                 datasets.enable_progress_bars()
