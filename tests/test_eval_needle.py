@@ -2,10 +2,12 @@
 
 import random
 import re
+import string
 
 import numpy as np
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from tokenizers import Tokenizer, decoders, models
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from longctx.evaluation.common import first_numbers_match, greedy, token_stream
 from longctx.evaluation.needle import build_prompt, minimum_length, needle_grid, needles
@@ -50,6 +52,17 @@ def test_needle_scores_one_when_given_the_answer(tiny, filler, n_needles, retrie
     assert report["mean"] == 1.0
     assert len(report["cells"]) == 12 and {"length", "depth", "answers", "output", "hit"} <= set(report["cells"][0])
     assert all(len(c["answers"]) == (n_needles if retrieve == "all" else 1) for c in report["cells"])
+
+
+def test_every_answer_fits_the_tokens_generated_even_one_token_per_character():
+    # a tokenizer that writes each digit as its own token, as Llama-2's does: eight keys take 55 tokens
+    vocab = {c: i for i, c in enumerate(string.printable)} | {"<unk>": len(string.printable)}
+    chars = Tokenizer(models.BPE(vocab, merges=[], unk_token="<unk>"))
+    chars.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=chars, unk_token="<unk>")
+    filler = tok("The grass is green. " * 100, add_special_tokens=False)["input_ids"]
+    report = needle_grid(oracle(tok), tok, filler, [1024], [0.5], trials=2, n_needles=8, retrieve="all")
+    assert report["mean"] == 1.0
 
 
 def test_needle_scores_zero_when_answering_a_distractor(tiny, filler):

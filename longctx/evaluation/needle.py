@@ -8,11 +8,15 @@ Every prompt of a length has exactly that many tokens, so a cell's trials run as
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 
 from longctx.evaluation.common import Generate, bos, first_numbers_match
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 OWNERS = ["red", "blue", "green", "amber", "violet", "silver", "orange", "black"]
 MAX_NEEDLES = len(OWNERS)
@@ -32,15 +36,15 @@ def needles(keys: list[str], retrieve: str) -> tuple[list[str], str, list[str]]:
     return texts, " List every pass key. The pass keys are", keys
 
 
-def minimum_length(tokenizer, n_needles: int, retrieve: str) -> int:
+def minimum_length(tokenizer: PreTrainedTokenizerBase, n_needles: int, retrieve: str) -> int:
     """The shortest context that holds bos, the needles, the question and one filler token."""
     texts, question, _ = needles(["99999"] * n_needles, retrieve)
     return len(bos(tokenizer)) + sum(len(tokenizer(t, add_special_tokens=False)["input_ids"])
                                      for t in texts + [question]) + 1
 
 
-def build_prompt(tokenizer, filler: list[int], length: int, depth: float, texts: list[str], question: str,
-                 rng: random.Random) -> list[int]:
+def build_prompt(tokenizer: PreTrainedTokenizerBase, filler: list[int], length: int, depth: float, texts: list[str],
+                 question: str, rng: random.Random) -> list[int]:
     """Exactly `length` tokens: bos, filler with the needles inserted (the first at `depth` of the filler, others
     at random depths), then the question. Needles go in at token boundaries of the filler, never inside a token."""
     needle_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -58,8 +62,8 @@ def build_prompt(tokenizer, filler: list[int], length: int, depth: float, texts:
     return start + hay + q_ids
 
 
-def needle_grid(generate: Generate, tokenizer, filler: list[int], lengths: list[int], depths: list[float],
-                trials: int = 2, n_needles: int = 1, retrieve: str = "one", seed: int = 0) -> dict:
+def needle_grid(generate: Generate, tokenizer: PreTrainedTokenizerBase, filler: list[int], lengths: list[int],
+                depths: list[float], trials: int = 2, n_needles: int = 1, retrieve: str = "one", seed: int = 0) -> dict:
     """scores[depth][length]: the fraction of a cell's trials (each with new keys) answered exactly."""
     rng = random.Random(seed)
     scores = np.zeros((len(depths), len(lengths)))
@@ -72,7 +76,9 @@ def needle_grid(generate: Generate, tokenizer, filler: list[int], lengths: list[
                     keys = [str(k) for k in rng.sample(range(10000, 100000), n_needles)]  # distinct keys
                     texts, question, answers = needles(keys, retrieve)
                     cases.append((build_prompt(tokenizer, filler, length, depth, texts, question, rng), answers))
-                n_new = 4 + 6 * len(cases[0][1])  # room for each 5-digit key and a separator, however digits tokenize
+                # the answers as this tokenizer writes them (one token per digit for some), and two tokens more
+                n_new = 2 + max(len(tokenizer(" " + ", ".join(answers), add_special_tokens=False)["input_ids"])
+                                for _, answers in cases)
                 outputs = generate([prompt for prompt, _ in cases], n_new)
                 hits = []
                 for (_, answers), out in zip(cases, outputs):
