@@ -163,7 +163,7 @@ def from_environment(env: Mapping[str, str]) -> Optional[World]:
     return world
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
@@ -189,7 +189,7 @@ def complete_with_mpi(world: Optional[World]) -> World:
         )
     addr, port = (world.master_addr, world.master_port) if world is not None else (None, None)
     if addr is None or port is None:
-        addr, port = comm.bcast((addr or socket.gethostname(), port or _free_port()) if comm.Get_rank() == 0 else None)
+        addr, port = comm.bcast((addr or socket.gethostname(), port or free_port()) if comm.Get_rank() == 0 else None)
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)  # the processes that share this node's memory
     local = world.local_rank if world is not None and world.local_rank >= 0 else node.Get_rank()
     local_size = world.local_size if world is not None and world.local_size > 0 else node.Get_size()

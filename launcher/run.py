@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING
 from longctx.checkpoint import tag_for
 from longctx.cli import ArgParser
 from longctx.config import ConfigError, Recipe, load_recipe
-from longctx.launcher.discovery import DiscoveryError, discover
+from longctx.launcher.discovery import DiscoveryError, discover, free_port
 
 if TYPE_CHECKING:
     from longctx.launcher.plan import Cluster
@@ -36,17 +35,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)  # flags may follow the key=value overrides
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def single_process_env() -> None:
     """Let `python launcher/run.py` run as a world of one when no launcher set the variables."""
     if discover() is None:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def check_world(recipe: Recipe) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.distributed as dist
@@ -45,7 +46,7 @@ class Topology:
         """Sum over every rank: each holds distinct tokens (other sequences across dp, other shards across sp)."""
         dist.all_reduce(tensor)
 
-    def mpu(self):
+    def mpu(self) -> ModuleType | None:
         """DeepSpeed's sequence-parallel state for its engine; None while every rank is data parallel."""
         if self.sp_size == 1:
             return None

@@ -24,18 +24,21 @@ import functools
 import logging
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from longctx.config import ConfigError
+from longctx.config import ATTENTION_BACKENDS, ConfigError
 from longctx.kernels.flash_attn import flash_attn_varlen_func, reference_attention
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "triton", "sdpa", "flex", "eager")
 # What auto asks of SDPA for one document per row on CUDA: cuDNN measured fastest on H100, also
 # with GQA (BENCHMARKS.md); torch takes the next in line where cuDNN refuses a shape. The math
 # backend is left out on purpose: it builds (seq x seq), so a shape no fused kernel takes raises.
@@ -204,8 +207,10 @@ def _auto(q, k, v, docs: Documents | None, scale: float) -> torch.Tensor:
     return AUTO_RUNS[auto_choice(q.device, packed, q.dtype)](q, k, v, docs, scale)
 
 
-def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None,
-                      cu_seq_lens_q=None, backend: str = "auto", **kwargs):
+def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                      position_ids: torch.Tensor | None = None, cu_seq_lens_q: torch.Tensor | None = None,
+                      backend: str = "auto", **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: q/k/v (batch, heads, seq, dim) -> ((batch, seq, heads, dim), None).
 
     Documents come from `cu_seq_lens_q` (cumulative lengths over the flattened batch) when given,
@@ -236,7 +241,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     return run(q, k, v, docs, scale), None
 
 
-def sliding_window(config) -> int | None:
+def sliding_window(config: PretrainedConfig) -> int | None:
     """The window of a model whose layers attend only to the last `sliding_window` keys (Mistral; Qwen2 with
     use_sliding_window), or None: full causal attention."""
     text = config.get_text_config()
@@ -272,8 +277,8 @@ def attention_implementation(backend: str, device: torch.device | str | None = N
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    if backend not in BACKENDS:
-        raise ValueError(f"attention.backend={backend!r}: must be one of {'|'.join(BACKENDS)}")
+    if backend not in ATTENTION_BACKENDS:
+        raise ConfigError(f"attention.backend={backend!r}: must be one of {'|'.join(ATTENTION_BACKENDS)}")
     if device is not None:
         _refuse_unsupported(backend, torch.device(device))
     name = f"longctx_{backend}"

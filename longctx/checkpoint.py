@@ -12,12 +12,16 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from longctx.config import ConfigError
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 MARKER = "COMPLETE"
 
@@ -69,7 +73,7 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, root: Path, step: int, client_state: dict, keep: int) -> Path:
+def save(engine: DeepSpeedEngine, root: Path, step: int, client_state: dict, keep: int) -> Path:
     """Write the checkpoint of `step` on every rank; returns its directory."""
     tag = tag_for(step)
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
@@ -90,7 +94,7 @@ def save(engine, root: Path, step: int, client_state: dict, keep: int) -> Path:
     return root / tag
 
 
-def load(engine, path: Path) -> dict:
+def load(engine: DeepSpeedEngine, path: Path) -> dict:
     """Restore engine states and this rank's RNG; returns the client state saved with them."""
     _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
     _set_rng_state(torch.load(path / f"rng-rank{dist.get_rank()}.pt", weights_only=False))

@@ -30,11 +30,16 @@ import contextlib
 import functools
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
 from tqdm import tqdm
 from transformers.modeling_layers import GradientCheckpointingLayer
+
+from longctx.loss import unwrap_causal_lm
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 POLICIES = ("auto", "none", "full", "offload")
 GiB = 2**30
@@ -106,11 +111,11 @@ def choose_layout(n_layers: int, input_bytes: int, plain_bytes: int, recompute_r
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The decoder layers of a transformers causal LM (inside a PEFT wrapper or not)."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = unwrap_causal_lm(model)
     return lm.get_decoder().layers
 
 
-def layer_input_bytes(model_config, seq_len: int, micro_batch: int, dtype_bytes: int = 2) -> int:
+def layer_input_bytes(model_config: PretrainedConfig, seq_len: int, micro_batch: int, dtype_bytes: int = 2) -> int:
     """Bytes of one decoder layer's input: what checkpointing keeps per layer."""
     return micro_batch * seq_len * model_config.hidden_size * dtype_bytes
 

@@ -14,6 +14,10 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 STRATEGIES = ("none", "first-last", "reverse")
 HEADING = re.compile(r"^#{1,6} ", re.MULTILINE)
@@ -35,7 +39,7 @@ def fixed_windows(n_tokens: int, window: int, overlap: int = 0) -> list[tuple[in
         start = end - overlap
 
 
-def token_starts(text: str, tokenizer) -> list[int]:
+def token_starts(text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Character offset where each token of the whole text's tokenisation starts."""
     return [a for a, _ in tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
 
@@ -65,7 +69,7 @@ def boundary_cuts(text: str, starts: list[int]) -> tuple[set[int], set[int]]:
     return sections, paragraphs
 
 
-def semantic_chunks(text: str, tokenizer, max_tokens: int) -> list[str]:
+def semantic_chunks(text: str, tokenizer: PreTrainedTokenizerBase, max_tokens: int) -> list[str]:
     """Chunks of at most `max_tokens` tokens of the whole text's tokenisation, joined they give the text back.
 
     Each chunk ends at the last section start that fits if one lies in the second half of the cap

@@ -14,11 +14,16 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from longctx.config import ConfigError, DataSection
 from longctx.corpus import embedded_corpus
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
@@ -62,7 +67,7 @@ def check_records(path: str, key: str = "data.path") -> str:
     return record_format(list(first), path, key)
 
 
-def load_documents(section: DataSection, seed: int):
+def load_documents(section: DataSection, seed: int) -> datasets.Dataset:
     """A `datasets.Dataset` of records: local files, or the embedded corpus."""
     import datasets
 
@@ -86,7 +91,7 @@ def record_format(columns: list[str], path: str | None, key: str = "data.path") 
     )
 
 
-def tokenize_record(record: dict, tokenizer, fmt: str) -> dict:
+def tokenize_record(record: dict, tokenizer: PreTrainedTokenizerBase, fmt: str) -> dict:
     """Token ids of one document framed by bos/eos, and which tokens carry loss."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -157,7 +162,7 @@ def _cache_key(section: DataSection, tokenizer, seed: int) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def build_packed(section: DataSection, tokenizer, seed: int, cache_dir: str) -> Packed:
+def build_packed(section: DataSection, tokenizer: PreTrainedTokenizerBase, seed: int, cache_dir: str) -> Packed:
     """Tokenise (in parallel) and pack, cached under `cache_dir` so resumed runs read the same windows."""
     path = Path(cache_dir) / f"packed-{section.seq_len}-{_cache_key(section, tokenizer, seed)}.npz"
     if path.exists():

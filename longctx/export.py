@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -17,10 +18,14 @@ from transformers import AutoModelForCausalLM
 from longctx.config import Recipe
 from longctx.model import add_lora
 
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
 log = logging.getLogger(__name__)
 
 
-def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
+def full_state_dict(engine: DeepSpeedEngine) -> dict[str, torch.Tensor] | None:
     """Every parameter of the engine's module, on rank 0 (None elsewhere); call on all ranks."""
     if engine.zero_optimization_stage() == 3:
         state = engine._zero3_consolidated_16bit_state_dict()
@@ -35,7 +40,8 @@ def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def export_state(state: dict[str, torch.Tensor], config, recipe: Recipe, tokenizer, out_dir: Path) -> dict:
+def export_state(state: dict[str, torch.Tensor], config: PretrainedConfig, recipe: Recipe,
+                 tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> dict:
     """Write hf/ (and adapter/ for LoRA) from a state dict of the trained model."""
     config = copy.deepcopy(config)
     dtype = next(iter(state.values())).dtype
@@ -60,7 +66,8 @@ def export_state(state: dict[str, torch.Tensor], config, recipe: Recipe, tokeniz
     return written
 
 
-def export_run(engine, model, recipe: Recipe, tokenizer, run_dir: Path, is_main: bool) -> dict:
+def export_run(engine: DeepSpeedEngine, model: torch.nn.Module, recipe: Recipe, tokenizer: PreTrainedTokenizerBase,
+               run_dir: Path, is_main: bool) -> dict:
     state = full_state_dict(engine)
     written = {}
     if is_main:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from longctx.data import IGNORE_INDEX
+
 
 
 def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:

@@ -7,6 +7,7 @@ registered through transformers' interface, and `patch_model` reports every chan
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
@@ -15,6 +16,10 @@ from longctx.attention import attention_implementation
 from longctx.checkpointing import Layout, apply_checkpointing, layer_input_bytes, layout_for, require_host_memory
 from longctx.config import ConfigError, LoraSection, Recipe
 from longctx.tiled_mlp import apply_tiled_mlp, use_tiled_mlp
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +37,7 @@ def model_dir(recipe: Recipe) -> str:
     return recipe.model.path or recipe.model.config
 
 
-def load_tokenizer(recipe: Recipe):
+def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(recipe.model.tokenizer or model_dir(recipe))
 
 
@@ -52,7 +57,7 @@ def build_model(recipe: Recipe, config: PretrainedConfig, dtype: torch.dtype) ->
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def lora_config(section: LoraSection):
+def lora_config(section: LoraSection) -> LoraConfig:
     from peft import LoraConfig
 
     extra = (["embed_tokens"] if section.train_embeddings else []) + (

@@ -18,6 +18,8 @@ import torch
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
+    from longctx.config import RopeSection
+
 METHODS = ("linear", "ntk", "dynamic", "yarn", "llama3", "longrope", "theta")
 # Parameters each method accepts beyond `factor`; anything else set for it is an error.
 METHOD_PARAMS = {
@@ -39,7 +41,7 @@ class RopeError(ValueError):
     """A scaling request that cannot be honoured; the message names the parameter."""
 
 
-def rope_parameters(config) -> dict[str, Any]:
+def rope_parameters(config: PretrainedConfig) -> dict[str, Any]:
     """The config's RoPE parameters as one flat dict (5.x keeps them in `rope_parameters`)."""
     params = dict(getattr(config, "rope_parameters", None) or {})
     params.setdefault("rope_type", params.pop("type", "default"))
@@ -50,14 +52,14 @@ def rope_parameters(config) -> dict[str, Any]:
     return params
 
 
-def rotary_dim(config, params: dict[str, Any] | None = None) -> int:
+def rotary_dim(config: PretrainedConfig, params: dict[str, Any] | None = None) -> int:
     """Dimensions of a head that rotate: head_dim, or its first `partial_rotary_factor` fraction."""
     params = rope_parameters(config) if params is None else params
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return int(head_dim * params.get("partial_rotary_factor", 1.0))
 
 
-def original_context(config, params: dict[str, Any] | None = None) -> int:
+def original_context(config: PretrainedConfig, params: dict[str, Any] | None = None) -> int:
     """The context the model was pre-trained on, before any scaling.
 
     A config attribute `original_max_position_embeddings` (Phi-3 style) wins over the value in
@@ -128,7 +130,7 @@ def _longrope(p: dict, dim: int, config, seq_len: int | None) -> tuple[torch.Ten
     return 1.0 / (torch.tensor(ext, dtype=torch.float32) * p["rope_theta"] ** shape), float(attention)
 
 
-def inv_freq(config, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+def inv_freq(config: PretrainedConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """(inverse frequencies [rotary_dim // 2], attention factor) of a config, at `seq_len` for length-dependent methods."""
     p = rope_parameters(config)
     dim, kind = rotary_dim(config, p), p["rope_type"]
@@ -150,7 +152,7 @@ def inv_freq(config, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     raise RopeError(f"rope_type {kind!r}: not supported (supported: default, linear, dynamic, yarn, llama3, longrope)")
 
 
-def describe(config) -> dict[str, Any]:
+def describe(config: PretrainedConfig) -> dict[str, Any]:
     """What a person needs to know about a model's RoPE."""
     p = rope_parameters(config)
     inv, attention = inv_freq(config)
@@ -167,7 +169,7 @@ def describe(config) -> dict[str, Any]:
     }
 
 
-def auto_method(config) -> str:
+def auto_method(config: PretrainedConfig) -> str:
     """yarn for an unscaled model; the model's own method where it already carries one that extends."""
     kind = rope_parameters(config)["rope_type"]
     return {"default": "yarn", "linear": "linear", "dynamic": "dynamic", "yarn": "yarn", "llama3": "llama3"}.get(kind, kind)
@@ -181,7 +183,7 @@ def _short(value: Any) -> str:
     return f"[{len(value)} values]" if isinstance(value, (list, tuple)) else str(value)
 
 
-def scale_config(config, target_length: int, method: str = "auto", **params: Any) -> PretrainedConfig:
+def scale_config(config: PretrainedConfig, target_length: int, method: str = "auto", **params: Any) -> PretrainedConfig:
     """A copy of `config` whose RoPE reaches `target_length` with `method`; the original is untouched.
 
     A config that already carries a scaling is composed only where the result is the same
@@ -261,7 +263,8 @@ def scale_config(config, target_length: int, method: str = "auto", **params: Any
     return scaled
 
 
-def scale_from_recipe(config, section, default_target: int) -> tuple[PretrainedConfig, dict[str, Any]]:
+def scale_from_recipe(config: PretrainedConfig, section: RopeSection,
+                      default_target: int) -> tuple[PretrainedConfig, dict[str, Any]]:
     """Apply the recipe's `rope` section (a `longctx.config.RopeSection`).
 
     Returns the scaled config and a plain record of the effective values for the run

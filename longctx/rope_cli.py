@@ -15,6 +15,7 @@ import shutil
 import sys
 from dataclasses import fields
 from pathlib import Path
+from typing import Callable
 
 from transformers import PretrainedConfig
 
@@ -39,7 +40,7 @@ def parse_length(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a length (e.g. 32768, 32k, 1m)") from None
 
 
-def rope_number(name: str):
+def rope_number(name: str) -> Callable[[str], float]:
     """An argparse type for the flag of recipe key rope.<name>: a finite number within the recipe's bounds."""
     low = next(f.metadata.get("min", -math.inf) for f in fields(RopeSection) if f.name == name)
 

@@ -14,9 +14,15 @@ process, builds process groups of its own and refuses any backend whose name is 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+import torch.distributed as dist
 
 from longctx.config import ConfigError, Recipe
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 def allowed_degrees(heads: int, kv_heads: int) -> list[int]:
@@ -37,7 +43,7 @@ def check_layout(sp: int, world_size: int, seq_len: int, heads: int, kv_heads: i
         raise ConfigError(f"parallel.sp={sp}: the model cannot be split, {why}; allowed: {allowed}")
 
 
-def model_heads(config) -> tuple[int, int]:
+def model_heads(config: PretrainedConfig) -> tuple[int, int]:
     """(attention heads, key/value heads) of a transformers config."""
     text = config.get_text_config()
     return text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
@@ -70,7 +76,7 @@ def shard_batch(batch: dict[str, torch.Tensor], sp_rank: int, sp_size: int) -> d
     return {key: value[:, sp_rank * n : (sp_rank + 1) * n].contiguous() for key, value in batch.items()}
 
 
-def use_ulysses(model: torch.nn.Module, group, micro_batch_size: int) -> str:
+def use_ulysses(model: torch.nn.Module, group: dist.ProcessGroup, micro_batch_size: int) -> str:
     """Run the model's attention under Ulysses over `group`; returns a line for the run log.
 
     Undo with `model.set_attn_implementation(<the previous name>)`.

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from longctx.cli import ArgParser
 from longctx.config import ConfigError, DataSection
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-def load_tokenizer(path: str, key: str = "--tokenizer"):
+
+def load_tokenizer(path: str, key: str = "--tokenizer") -> PreTrainedTokenizerBase:
     """A tokenizer from a local directory, or a one-line error naming the argument."""
     from transformers import AutoTokenizer
 
@@ -23,7 +27,7 @@ def load_tokenizer(path: str, key: str = "--tokenizer"):
         raise ConfigError(f"{key} {path}: no tokenizer there ({str(e).splitlines()[0]})") from None
 
 
-def count_documents(path: str, tokenizer) -> list[int]:
+def count_documents(path: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Tokens of every document as training sees it (text, prompt + completion, or chat; bos/eos included)."""
     from longctx.data import load_documents, record_format, tokenize_record
 

@@ -16,6 +16,7 @@ import resource
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import deepspeed
 import torch
@@ -24,11 +25,14 @@ from tqdm import tqdm
 
 from longctx import checkpoint, export, sequence_parallel
 from longctx.config import ConfigError, Recipe, to_yaml
-from longctx.data import Packed, WindowSampler, build_packed
+from longctx.data import IGNORE_INDEX, Packed, WindowSampler, build_packed
 from longctx.launcher.dsconfig import build_ds_config, check_ds_config
 from longctx.launcher.topology import Topology
 from longctx.loss import causal_lm_loss
 from longctx.model import load_model, load_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +45,12 @@ class CausalLMWithLoss(torch.nn.Module):
         self.lm = lm
         self.chunk_tokens = chunk_tokens
 
-    def forward(self, input_ids, position_ids, labels):
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return causal_lm_loss(self.lm, input_ids, position_ids, labels, self.chunk_tokens)
 
 
-def lr_schedule(recipe: Recipe):
+def lr_schedule(recipe: Recipe) -> Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LambdaLR]:
     """Linear warm-up (the first step already trains), then cosine down to min_lr_ratio."""
     t = recipe.train
 
@@ -113,7 +118,7 @@ class Metrics:
                 f.write(json.dumps(row) + "\n")
 
 
-def build_data(recipe: Recipe, tokenizer, topo: Topology, run_dir: Path) -> Packed:
+def build_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, topo: Topology, run_dir: Path) -> Packed:
     """Rank 0 tokenises and packs into the run's cache; the other ranks read that cache. A data error on
     rank 0 (say, too few tokens for one window) reaches every rank, so all stop with it."""
     cache = run_dir / "data"
@@ -176,7 +181,7 @@ def train(recipe: Recipe, topo: Topology, run_dir: Path) -> dict:
         # every rank of an sp group reads the same windows and keeps its shard of them
         batches = [sequence_parallel.shard_batch(micro_batch(packed, sampler.indices(step, m, topo.dp_rank), device),
                                                  topo.sp_rank, topo.sp_size) for m in range(t.grad_accum)]
-        counts = torch.tensor([float(sum(int((b["labels"] != -100).sum()) for b in batches))], device=device)
+        counts = torch.tensor([float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches))], device=device)
         topo.all_reduce_world(counts)
         n_total = counts.item()
         lr = engine.get_lr()[0]

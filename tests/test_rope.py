@@ -11,7 +11,7 @@ from transformers import LlamaConfig, MistralConfig, PhiConfig, Qwen2Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from longctx import rope
-from longctx.config import ConfigError, RopeSection
+from longctx.config import ROPE_METHODS, ConfigError, RopeSection
 
 
 def base_configs():
@@ -128,6 +128,10 @@ def test_existing_yarn_and_linear_scalings_are_extended_over_the_original_contex
     eight = rope.scale_config(twice, 32768, "auto")
     assert eight.rope_parameters["factor"] == 8.0 and eight.max_position_embeddings == 32768
     torch.testing.assert_close(rope.inv_freq(eight)[0], rope.inv_freq(base)[0] / 8)
+
+
+def test_recipe_methods_are_the_rope_methods():
+    assert ROPE_METHODS == ["none", "auto", *rope.METHODS]  # the schema keeps its own list: it imports no torch
 
 
 def test_parameters_that_do_not_apply_are_refused():

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from longctx.config import EvalSection
 
 MIDDLE_PASSAGES = 6  # the recipe has no key for these: a small sweep that shows the curve's shape
 MIDDLE_STRATEGIES = ["none", "first-last"]
 
 
-def run_at_end(model_dir: str, section, out_dir: str) -> dict:
+def run_at_end(model_dir: str, section: EvalSection, out_dir: str) -> dict:
     """The evaluations a recipe's `eval.at_end` lists (a `longctx.config.EvalSection`) on an exported model
     directory (tokenizer inside); JSON + PNG reports go to out_dir. Returns {evaluation: one summary line}."""
     from longctx.evaluation.common import load_model, model_name

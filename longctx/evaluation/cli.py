@@ -15,6 +15,7 @@ from longctx.evaluation.middle import MAX_PASSAGES
 from longctx.evaluation.needle import MAX_NEEDLES
 from longctx.evaluation.reports import (check_needle_lengths, long_documents, middle_report, needle_report, ppl_report,
                                         summary_line)
+import argparse
 
 # what from_pretrained loads weights from (sharded checkpoints through their index)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -58,7 +59,7 @@ def _at_least(value: int, minimum: int, key: str) -> None:
         raise ConfigError(f"{key}={value}: must be >= {minimum}")
 
 
-def check(args) -> None:
+def check(args: argparse.Namespace) -> None:
     """Every argument, before anything loads; raises ConfigError naming the argument."""
     for d in args.model:
         if not (Path(d) / "config.json").is_file():

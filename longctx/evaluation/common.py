@@ -5,11 +5,14 @@ from __future__ import annotations
 import re
 from itertools import groupby
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from longctx.config import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 # prompts (token ids), number of new tokens -> generated token ids, one list per prompt
 Generate = Callable[[list[list[int]], int], list[list[int]]]
@@ -93,7 +96,7 @@ def _rope_value(key: str, text: str) -> object:
         raise ConfigError(f"rope.{key}={text}: expected a number or true/false") from None
 
 
-def rope_override(config, overrides: list[str]):
+def rope_override(config: PretrainedConfig, overrides: list[str]) -> PretrainedConfig:
     """`rope.method=yarn rope.factor=4 [rope.target_length=N]` applied to a loaded config by longctx.rope."""
     from longctx.rope import RopeError, original_context, scale_config
 
@@ -127,7 +130,7 @@ def rope_variants(overrides: list[str]) -> list[list[str]]:
     return [[] if m == "none" else [f"rope.method={m}"] + rest for m in methods[-1].split(",")]
 
 
-def greedy(model, batch_size: int = 8) -> Generate:
+def greedy(model: torch.nn.Module, batch_size: int = 8) -> Generate:
     """Greedy decoding; prompts of equal length run together (no padding, so any attention backend works)."""
     device = next(model.parameters()).device
     pad = model.generation_config.pad_token_id
@@ -179,7 +182,7 @@ def document_texts(paths: list[str]) -> list[str]:
     return texts
 
 
-def bos(tokenizer) -> list[int]:
+def bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The tokens a document starts with in training (`longctx.data` frames documents with bos)."""
     return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
 
@@ -191,7 +194,7 @@ def corpus_texts() -> list[str]:
     return [d["text"] for d in stdlib_sources()]
 
 
-def token_stream(tokenizer, texts: list[str], n_tokens: int) -> list[int]:
+def token_stream(tokenizer: PreTrainedTokenizerBase, texts: list[str], n_tokens: int) -> list[int]:
     """At least n_tokens of the texts, tokenized one after another (repeated if they are too short)."""
     if not any(t.strip() for t in texts):
         raise ConfigError("--data: the documents hold no text")

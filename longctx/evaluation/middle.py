@@ -10,11 +10,15 @@ last, next to the question. Each strategy sees the same passages (same seed): pa
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from longctx.chunking import reorder
 from longctx.evaluation.common import Generate, bos, first_numbers_match
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 NAMES = ["Ada", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal", "Ivy", "Jo", "Kit", "Lu", "Max", "Ned", "Oz", "Pip",
          "Quin", "Rex", "Sol", "Tam"]
@@ -38,8 +42,8 @@ def positions_by_rank(k: int, strategy: str) -> list[int]:
     return [order.index(rank) for rank in range(k)]
 
 
-def rank_sweep(generate: Generate, tokenizer, filler: str, k: int = 6, trials: int = 2, words: int = 40,
-               strategy: str = "none", seed: int = 0) -> dict:
+def rank_sweep(generate: Generate, tokenizer: PreTrainedTokenizerBase, filler: str, k: int = 6, trials: int = 2,
+               words: int = 40, strategy: str = "none", seed: int = 0) -> dict:
     """Accuracy with the relevant passage at each retriever rank (and so at each prompt position)."""
     rng = random.Random(seed)
     filler_words = filler.split()

@@ -40,7 +40,7 @@ def window_labels(ids: list[int], start: int, length: int, scored_from: int) -> 
     return [ids[t] if t >= scored_from else IGNORE_INDEX for t in range(start + 1, start + length)] + [IGNORE_INDEX]
 
 
-def batch_nll(model, rows: list[tuple[list[int], list[int]]]) -> tuple[float, int]:
+def batch_nll(model: torch.nn.Module, rows: list[tuple[list[int], list[int]]]) -> tuple[float, int]:
     """(sum of NLL, tokens scored) over equal-length (input ids, labels) rows, in one forward."""
     device = next(model.parameters()).device
     x = torch.tensor([r[0] for r in rows], device=device)
@@ -51,7 +51,7 @@ def batch_nll(model, rows: list[tuple[list[int], list[int]]]) -> tuple[float, in
     return total.item(), int(count)
 
 
-def perplexity_by_length(model, documents: list[list[int]], lengths: list[int], score_last: int = 0,
+def perplexity_by_length(model: torch.nn.Module, documents: list[list[int]], lengths: list[int], score_last: int = 0,
                          stride: int = 0, batch_size: int = 4) -> list[dict]:
     """One row per length over the documents that have at least that many tokens."""
     span = max(lengths)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -15,11 +15,16 @@ from longctx.evaluation.middle import rank_sweep
 from longctx.evaluation.needle import minimum_length, needle_grid
 from longctx.evaluation.ppl import perplexity_by_length
 
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
 PPL_DOCUMENTS = 8  # documents per length: enough to average, few enough for CPU tests
 MIDDLE_FILLER_CHARS = 200_000
 
 
-def long_documents(tokenizer, n_tokens: int, texts: list[str] | None, count: int = PPL_DOCUMENTS) -> list[list[int]]:
+def long_documents(tokenizer: PreTrainedTokenizerBase, n_tokens: int, texts: list[str] | None,
+                   count: int = PPL_DOCUMENTS) -> list[list[int]]:
     """Up to `count` documents of at least n_tokens tokens, each opening with bos as in training. The user's
     documents are taken whole (an error if none is long enough); the embedded corpus is cut from its module
     sources read one after another, since few single modules reach long lengths."""
@@ -68,15 +73,16 @@ def ppl_report(variants: dict[str, tuple[Callable[[], tuple], list[list[int]]]],
     return report
 
 
-def check_needle_lengths(tokenizer, lengths: list[int], n_needles: int, retrieve: str, key: str) -> None:
+def check_needle_lengths(tokenizer: PreTrainedTokenizerBase, lengths: list[int], n_needles: int, retrieve: str,
+                         key: str) -> None:
     shortest = minimum_length(tokenizer, n_needles, retrieve)
     if min(lengths) < shortest:
         raise ConfigError(f"{key}: {min(lengths)} tokens cannot hold {n_needles} needle(s) and the question; "
                           f"use lengths >= {shortest}")
 
 
-def needle_report(model, tokenizer, lengths: list[int], depths: list[float], trials: int, out: Path,
-                  texts: list[str] | None = None, n_needles: int = 1, retrieve: str = "one",
+def needle_report(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, lengths: list[int], depths: list[float],
+                  trials: int, out: Path, texts: list[str] | None = None, n_needles: int = 1, retrieve: str = "one",
                   model_name: str = "", key: str = "--lengths") -> dict:
     check_needle_lengths(tokenizer, lengths, n_needles, retrieve, key)
     filler = token_stream(tokenizer, texts if texts is not None else corpus_texts(), max(lengths))
@@ -90,8 +96,8 @@ def needle_report(model, tokenizer, lengths: list[int], depths: list[float], tri
     return report
 
 
-def middle_report(model, tokenizer, k: int, trials: int, out: Path, strategies: list[str],
-                  texts: list[str] | None = None, words: int = 40, model_name: str = "") -> dict:
+def middle_report(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, k: int, trials: int, out: Path,
+                  strategies: list[str], texts: list[str] | None = None, words: int = 40, model_name: str = "") -> dict:
     filler = "\n\n".join(texts) if texts is not None else "\n\n".join(corpus_texts())[:MIDDLE_FILLER_CHARS]
     generate = greedy(model)
     report = {s: rank_sweep(generate, tokenizer, filler, k, trials, words, s) for s in strategies}
