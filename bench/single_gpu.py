@@ -104,7 +104,7 @@ def build(stack: str, seq_len: int):
         # before LoRA: our attention, fused RoPE and RMSNorm, the checkpointing layout the planner picks, tiled MLP
         recipe = load_recipe(str(RECIPE), [f"data.seq_len={seq_len}"])
         t0 = time.perf_counter()
-        record["changes"] = patch_model(model, recipe, torch.device("cuda"), world=1)
+        record["changes"] = patch_model(model, recipe, torch.device("cuda"), world=1).changes
         record["patch_s"] = round(time.perf_counter() - t0, 1)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS),
                            autocast_adapter_dtype=False)

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from longctx.attention import attention_implementation
 from longctx.checkpointing import Layout, apply_checkpointing, layer_input_bytes, layout_for, require_host_memory
 from longctx.config import ConfigError, LoraSection, Recipe
+from longctx.kernels.patch import ModelPatch
 from longctx.tiled_mlp import apply_tiled_mlp, use_tiled_mlp
 
 if TYPE_CHECKING:
@@ -87,22 +88,28 @@ def add_lora(model: torch.nn.Module, section: LoraSection) -> torch.nn.Module:
     return get_peft_model(model, lora_config(section))
 
 
-def patch_model(model: torch.nn.Module, recipe: Recipe, device: torch.device, world: int = 1) -> list[str]:
-    """Apply attention, RoPE and RMSNorm kernels, checkpointing and MLP tiling; returns a line per change for the run log."""
-    changes = []
-    attn = attention_implementation(recipe.attention.backend, device)
+def patch_model(model: torch.nn.Module, recipe: Recipe, device: torch.device, world: int = 1) -> ModelPatch:
+    """Apply attention, RoPE and RMSNorm kernels, checkpointing and MLP tiling: a line per change for the run
+    log, and the undo of all of them."""
+    changes, undo = [], []
+    attn, before = attention_implementation(recipe.attention.backend, device), model.config._attn_implementation
     model.set_attn_implementation(attn)
     changes.append(f"attention: {attn}")
+    undo.append(lambda: model.set_attn_implementation(before))
     if device.type == "cuda":  # the kernels need a GPU; CPU runs keep transformers' own code
         from longctx.kernels.rms_norm import use_fused_rms_norm
         from longctx.kernels.rope import use_fused_rope
 
         for what, use in (("rope", use_fused_rope), ("rms norm", use_fused_rms_norm)):
             try:
-                changes += use(model).changes
+                patch = use(model)
             except ValueError as e:  # a model family the patch does not know: said in the run log, not hidden
                 changes.append(f"{what}: transformers' own code ({e})")
-    return changes + apply_memory_features(model, recipe, device, world)
+                continue
+            changes += patch.changes
+            undo.append(patch.undo)
+    memory = apply_memory_features(model, recipe, device, world)
+    return ModelPatch(changes + memory.changes, undo + [memory.undo])
 
 
 def checkpoint_layout(recipe: Recipe, n_layers: int, device: torch.device, world: int) -> Layout:
@@ -120,22 +127,23 @@ def checkpoint_layout(recipe: Recipe, n_layers: int, device: torch.device, world
     return estimate(shape, features, settings, cluster, recipe.data.seq_len).layout
 
 
-def apply_memory_features(model: torch.nn.Module, recipe: Recipe, device: torch.device, world: int) -> list[str]:
+def apply_memory_features(model: torch.nn.Module, recipe: Recipe, device: torch.device, world: int) -> ModelPatch:
     """Checkpointing layout (host buffers pinned now, so a shortage shows at start) and tiled MLP."""
     t, config = recipe.train, model.config
     tokens = recipe.data.seq_len // recipe.parallel.sp  # per rank, between attention calls
-    changes = []
+    changes, undo = [], []
     if use_tiled_mlp(t.tiled_mlp, tokens):
-        apply_tiled_mlp(model, t.mlp_tile_tokens)
+        undo.append(apply_tiled_mlp(model, t.mlp_tile_tokens))
         changes.append(f"MLP: tiles of {t.mlp_tile_tokens} tokens")
     layout = checkpoint_layout(recipe, config.num_hidden_layers, device, world)
     dtype = next(model.parameters()).dtype
     if layout.host:
         require_host_memory(layout.host * layer_input_bytes(config, tokens, t.micro_batch_size, dtype.itemsize))
     handle = apply_checkpointing(model, layout)
+    undo.append(handle.undo)
     handle.offloader.reserve((t.micro_batch_size, tokens, config.hidden_size), dtype, device)
     changes.append(layout.describe())
-    return changes
+    return ModelPatch(changes, undo)
 
 
 def load_model(recipe: Recipe, device: torch.device, world: int = 1) -> tuple[torch.nn.Module, dict]:
@@ -143,7 +151,7 @@ def load_model(recipe: Recipe, device: torch.device, world: int = 1) -> tuple[to
     dtype = resolve_dtype(recipe.model.dtype, device)
     config, rope_record = scaled_config(recipe)
     model = build_model(recipe, config, dtype)
-    changes = patch_model(model, recipe, device, world)
+    changes = patch_model(model, recipe, device, world).changes
     if recipe.lora.enabled:
         model = add_lora(model, recipe.lora)
         changes.append(f"lora: r={recipe.lora.r} alpha={recipe.lora.alpha} on {','.join(recipe.lora.targets)}")
