@@ -301,8 +301,10 @@ def loss_working_set(shape: ModelShape, f: Features, tokens: int) -> int:
         # logits in the compute dtype (returned by the model), their fp32 copy's log_softmax
         # (saved), and in backward the fp32 gradient of log_softmax's output and of its input
         return tokens * v * (f.act_bytes + 4 + 4 + 4)
-    # a chunk recomputed in backward: log_softmax output saved, its two fp32 gradients
-    return min(f.loss_chunk_tokens, tokens) * v * 12
+    # longctx.loss makes the gradients in forward, a chunk at a time: the chunk's fp32 logits and their
+    # gradient; a trained output projection also gets an fp32 gradient of its own, held until backward
+    head_grad = v * shape.hidden * 4 if f.lora_r is None else 0
+    return min(f.loss_chunk_tokens, tokens) * v * 12 + head_grad
 
 
 def estimate(shape: ModelShape, f: Features, s: Settings, cluster: Cluster, seq_len: int,
