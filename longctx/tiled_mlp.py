@@ -35,6 +35,29 @@ def _untiled(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return type(mlp).forward(mlp, x)  # the class's own forward: the instance one is ours
 
 
+class _SameRandomness:
+    """The MLP of one tiled call, drawing in backward's recompute of each tile the random numbers (LoRA
+    dropout masks) that tile drew in forward, as checkpointing does; else the gradient would belong to other
+    masks than the output. TiledMLP runs the tiles in the same order in forward (without grad) and backward."""
+
+    def __init__(self) -> None:
+        self.states: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self.recomputed = 0
+
+    def __call__(self, mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        cuda = x.device.type == "cuda"
+        if not torch.is_grad_enabled():  # forward
+            self.states.append((torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if cuda else None))
+            return _untiled(mlp, x)
+        cpu_state, cuda_state = self.states[self.recomputed]
+        self.recomputed += 1
+        with torch.random.fork_rng(devices=[x.device] if cuda else []):  # the caller's stream goes on untouched
+            torch.set_rng_state(cpu_state)
+            if cuda:
+                torch.cuda.set_rng_state(cuda_state, x.device)
+            return _untiled(mlp, x)
+
+
 def tiled_forward(mlp: torch.nn.Module, tile_tokens: int, x: torch.Tensor) -> torch.Tensor:
     """`mlp(x)` computed over tiles of at most `tile_tokens` tokens (per row)."""
     from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
@@ -43,9 +66,15 @@ def tiled_forward(mlp: torch.nn.Module, tile_tokens: int, x: torch.Tensor) -> to
     if tiles <= 1:
         return _untiled(mlp, x)
     # Trainable parameters (LoRA adapters, or all weights) are named so that DeepSpeed ZeRO
-    # takes their gradient once, after the last tile, not once per tile.
+    # takes their gradient once, after the last tile, not once per tile. The tokens of all rows are
+    # tiled as one run, as TiledMLP's backward tiles them: tile i is then the same tokens both ways.
     trainable = [p for p in mlp.parameters() if p.requires_grad]
-    return TiledMLP.apply(_untiled, mlp, x, tiles, trainable)
+    flat = x.reshape(-1, x.shape[-1])
+    if trainable and torch.is_grad_enabled() and not flat.requires_grad:
+        # autograd sees only x among TiledMLP's inputs: without a gradient path through it (adapters on the
+        # MLP alone, below every other trained layer), backward would never run and the adapters learn nothing
+        flat = flat.detach().requires_grad_()
+    return TiledMLP.apply(_SameRandomness(), mlp, flat, tiles, trainable).view(x.shape)
 
 
 def apply_tiled_mlp(model: torch.nn.Module, tile_tokens: int) -> Callable[[], None]:
