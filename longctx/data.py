@@ -3,7 +3,8 @@
 Every window is exactly `seq_len` tokens. Positions restart at 0 where a document (or the
 part of one that spills into the next window) starts, so attention can stay per document.
 Labels are shifted here, once, on the whole window: labels[t] is the token that position t
-predicts, -100 at the last token of each document and on prompt tokens of supervised records.
+predicts, -100 at the last token of each document, at the last token of each window (its
+next token opens the next window) and on prompt tokens of supervised records.
 """
 
 from __future__ import annotations
@@ -129,16 +130,27 @@ class Packed:
 
 
 def pack_documents(docs: list[dict], seq_len: int, min_doc_tokens: int = 0) -> Packed:
-    """Concatenate documents and cut into full windows; the tail that fills no window is dropped."""
-    docs = [d for d in docs if len(d["input_ids"]) >= max(min_doc_tokens, 1)]
+    """`pack_tokens` for documents given one by one (records of `tokenize_record`)."""
+    lengths = np.array([len(d["input_ids"]) for d in docs], dtype=np.int64)
     ids = np.concatenate([np.asarray(d["input_ids"], dtype=np.int64) for d in docs]) if docs else np.zeros(0, np.int64)
     mask = np.concatenate([np.asarray(d["loss_mask"], dtype=bool) for d in docs]) if docs else np.zeros(0, bool)
+    return pack_tokens(ids, mask, lengths, seq_len, min_doc_tokens)
+
+
+def pack_tokens(ids: np.ndarray, mask: np.ndarray, lengths: np.ndarray, seq_len: int,
+                min_doc_tokens: int = 0) -> Packed:
+    """Documents laid end to end (token ids, loss mask, each document's length) cut into full windows;
+    the tail that fills no window is dropped."""
+    keep = lengths >= max(min_doc_tokens, 1)
+    if not keep.all():
+        tokens_kept = np.repeat(keep, lengths)
+        ids, mask, lengths = ids[tokens_kept], mask[tokens_kept], lengths[keep]
     starts = np.zeros(len(ids), dtype=bool)
-    starts[np.cumsum([0] + [len(d["input_ids"]) for d in docs[:-1]])[: len(docs)]] = True
+    starts[np.cumsum(lengths) - lengths] = True
     windows = len(ids) // seq_len
     if windows == 0:
         raise ConfigError(
-            f"data.seq_len={seq_len}: the data has {len(ids)} tokens in {len(docs)} documents, "
+            f"data.seq_len={seq_len}: the data has {len(ids)} tokens in {len(lengths)} documents, "
             f"less than one window (lower data.seq_len or data.min_doc_tokens, or add data)"
         )
     n = windows * seq_len
@@ -151,7 +163,7 @@ def pack_documents(docs: list[dict], seq_len: int, min_doc_tokens: int = 0) -> P
     labels = np.full((windows, seq_len), IGNORE_INDEX, dtype=np.int64)
     predictable = ~starts[:, 1:] & mask[:, 1:]  # next token in the same segment and carrying loss
     labels[:, :-1] = np.where(predictable, ids[:, 1:], IGNORE_INDEX)
-    return Packed(ids.astype(np.int32), position_ids.astype(np.int32), labels.astype(np.int32), len(docs))
+    return Packed(ids.astype(np.int32), position_ids.astype(np.int32), labels.astype(np.int32), len(lengths))
 
 
 def _cache_key(section: DataSection, tokenizer, seed: int) -> str:
@@ -177,7 +189,14 @@ def build_packed(section: DataSection, tokenizer: PreTrainedTokenizerBase, seed:
         num_proc=min(section.num_proc, max(1, len(ds))),
         desc="tokenizing",
     )
-    packed = pack_documents(list(tokenized), section.seq_len, section.min_doc_tokens)
+    # straight from the Arrow columns: no Python object per token (a billion tokens would take ~40 GB so)
+    import pyarrow.compute as pc
+
+    table = tokenized.with_format("arrow")[:]
+    packed = pack_tokens(pc.list_flatten(table["input_ids"]).to_numpy().astype(np.int64),
+                         pc.list_flatten(table["loss_mask"]).to_numpy().astype(bool),
+                         pc.list_value_length(table["input_ids"]).to_numpy().astype(np.int64),
+                         section.seq_len, section.min_doc_tokens)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, **{k: v for k, v in asdict(packed).items()})

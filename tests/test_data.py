@@ -140,3 +140,16 @@ def test_sampler_is_a_pure_function_of_step_and_covers_each_epoch():
     assert [fresh.indices(7, 1, 1), fresh.indices(2, 0, 0)] == [s.indices(7, 1, 1), s.indices(2, 0, 0)]
     assert WindowSampler(10, 4, 1, 2, 2).indices(0, 0, 0) != s.indices(0, 0, 0) or \
         WindowSampler(10, 4, 1, 2, 2).indices(0, 1, 0) != s.indices(0, 1, 0)
+
+
+def test_packing_from_arrow_columns_equals_packing_documents_one_by_one(tokenizer, tmp_path):
+    from longctx.data import load_documents, record_format
+
+    section = DataSection(seq_len=256, max_documents=5, passkey_documents=6, min_doc_tokens=300, num_proc=1)
+    packed = build_packed(section, tokenizer, seed=0, cache_dir=str(tmp_path))
+    docs = load_documents(section, seed=0)
+    fmt = record_format(docs.column_names, None)
+    one_by_one = pack_documents([tokenize_record(r, tokenizer, fmt) for r in docs], 256, min_doc_tokens=300)
+    assert packed.documents == one_by_one.documents < len(docs)  # some documents are shorter than 300 tokens
+    for name in ("input_ids", "position_ids", "labels"):
+        np.testing.assert_array_equal(getattr(packed, name), getattr(one_by_one, name))
