@@ -31,6 +31,9 @@ def check_inputs(recipe: Recipe) -> None:
     # the backend must run on the device DeepSpeed will pick (DS_ACCELERATOR, else CUDA when present)
     device = os.environ.get("DS_ACCELERATOR") or ("cuda" if torch.cuda.is_available() else "cpu")
     attention_implementation(recipe.attention.backend, device)
+    if recipe.attention.backend == "flex" and device != "cuda":
+        raise ConfigError(f"attention.backend=flex: torch's FlexAttention trains only on CUDA (no backward on "
+                          f"{device}); use auto, sdpa or eager")
     check_attention(config, recipe)
     check_sequence_parallel_rope(config, recipe.parallel.sp)
     layers = config.get_text_config().num_hidden_layers

@@ -1,5 +1,6 @@
 """Bad recipes stop before anything is loaded: exit 2, one line naming the key, nothing written."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +14,9 @@ DEMO = str(ROOT / "recipes" / "demo-cpu.yaml")
 
 
 def run_launcher(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "launcher" / "run.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=120
-    )
+    # on CPU ranks on any machine: the device-dependent refusals (flex) are the CPU's
+    return subprocess.run([sys.executable, str(ROOT / "launcher" / "run.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "DS_ACCELERATOR": "cpu"})
 
 
 @pytest.mark.parametrize(
@@ -36,6 +37,7 @@ def run_launcher(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
         ("train.checkpointing=offload train.gpu_checkpoint_layers=99", "train.gpu_checkpoint_layers=99: the model has"),
         # rules that read the recipe's files: still before anything is written
         ("rope.method=theta", "rope.method=theta: needs rope.theta"),
+        ("attention.backend=flex", "attention.backend=flex: torch's FlexAttention trains only on CUDA"),
         ("lora.enabled=true lora.targets=[q_proj,bogus]", "lora.targets: bogus not in the model"),
         ("train.resume=tests", "train.resume='tests': not a complete checkpoint"),
         ("data.path=pyproject.toml", "data.path='pyproject.toml': expected .jsonl/.json/.parquet/.txt files"),
