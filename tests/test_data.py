@@ -99,7 +99,10 @@ def test_local_files_load_and_pack(tmp_path, tokenizer, kind):
     section = DataSection(path=str(path), seq_len=64, num_proc=1)
     packed = build_packed(section, tokenizer, seed=0, cache_dir=str(tmp_path / "cache"))
     assert packed.documents == 6 and len(packed) >= 6
-    again = build_packed(section, tokenizer, seed=0, cache_dir=str(tmp_path / "cache"))  # from the cache
+    (cached,) = (tmp_path / "cache").glob("packed-64-*.npz")
+    np.savez(cached, **{**np.load(cached), "documents": np.array(-1)})  # marked: a rebuild would not say -1
+    again = build_packed(section, tokenizer, seed=0, cache_dir=str(tmp_path / "cache"))
+    assert again.documents == -1  # read from the cache
     np.testing.assert_array_equal(packed.labels, again.labels)
     predicted = (packed.labels != IGNORE_INDEX).sum()
     if kind == "prompt_completion":
