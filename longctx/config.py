@@ -211,6 +211,8 @@ def _type_error(key: str, value: Any, err: Exception) -> ConfigError:
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
+        if v is None and not prefix and k in {f.name for f in fields(Recipe)}:
+            continue  # a section whose keys are all commented out: YAML reads it as null
         if isinstance(v, dict):
             out.update(_flatten(v, f"{prefix}{k}."))
         else:

@@ -76,6 +76,12 @@ def test_unknown_key_inside_recipe_file(tmp_path):
         load_recipe(str(recipe))
 
 
+def test_a_section_with_every_key_commented_out_is_empty(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  config: longctx/assets/demo-llama\ntrain:\n  # max_steps: 3\n")
+    assert load_recipe(str(recipe)).train.max_steps == 30
+
+
 def test_exactly_one_model_source_and_sp_divides_seq_len():
     with pytest.raises(ConfigError, match="set exactly one"):
         load_recipe(None, [])
