@@ -31,13 +31,14 @@ FLAG_NAMES = {"target_length": "target"}
 
 
 def parse_length(text: str) -> int:
-    """`131072`, `128k`, `1m` -> tokens (k = 1024)."""
-    units = {"k": 1024, "m": 1024**2}
-    t = text.strip().lower()
+    """One length, written as `longctx eval` reads them: `131072`, `128k`, `1m` (k = 1024)."""
+    from longctx.evaluation.common import parse_lengths
+
     try:
-        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
-    except ValueError:
+        (length,) = parse_lengths(text)
+    except (ConfigError, ValueError):  # not a length, or several
         raise argparse.ArgumentTypeError(f"{text!r} is not a length (e.g. 32768, 32k, 1m)") from None
+    return length
 
 
 def rope_number(name: str) -> Callable[[str], float]:

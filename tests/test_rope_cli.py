@@ -35,6 +35,7 @@ def test_scale_writes_a_copy_with_the_scaling_and_linked_files(tiny_model_dir, t
     "args, message",
     [
         (["--target", "lots"], "argument --target: 'lots' is not a length"),
+        (["--target", "0"], "argument --target: '0' is not a length"),
         (["--target", "1k", "--method", "llama3", "--beta-fast", "3"],
          "--beta-fast=3.0: only applies to --method=yarn, not --method=llama3"),
         (["--target", "128"], "--target=128: below the original context 256"),
