@@ -102,8 +102,18 @@ def test_prompt_has_the_exact_length_and_the_needle_at_its_depth(tiny, filler):
         assert len(prompt) == 300 and prompt[0] == tok.bos_token_id
         at = next(i for i in range(len(prompt)) if prompt[i:i + len(needle)] == needle)
         assert at == 1 + round(depth * (300 - 1 - len(needle) - q_len))  # after bos, at that depth of the filler
-    with pytest.raises(ValueError, match="too short"):
-        build_prompt(tok, filler, minimum_length(tok, 1, "one") - 1, 0.5, texts, question, random.Random(0))
+    with pytest.raises(ValueError, match="too short"):  # bos, needle and question fill it: no filler token left
+        build_prompt(tok, filler, 1 + len(needle) + q_len, 0.5, texts, question, random.Random(0))
+
+
+@pytest.mark.parametrize("n_needles, retrieve", [(1, "one"), (3, "one"), (3, "all")])
+def test_the_minimum_length_holds_every_draw(tiny, filler, n_needles, retrieve):
+    # some keys take more tokens than others: at the stated minimum, each trial still gets keys that fit
+    _, tok = tiny
+    shortest = minimum_length(tok, n_needles, retrieve)
+    report = needle_grid(oracle(tok), tok, filler, [shortest], [0.0, 1.0], trials=40, n_needles=n_needles,
+                         retrieve=retrieve)
+    assert report["mean"] == 1.0 and all(len(c["answers"]) >= 1 for c in report["cells"])
 
 
 def test_batched_greedy_equals_one_prompt_at_a_time(tiny, filler):

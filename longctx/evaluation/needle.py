@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
+from longctx.config import ConfigError
 from longctx.evaluation.common import Generate, bos, first_numbers_match
 
 if TYPE_CHECKING:
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
 
 OWNERS = ["red", "blue", "green", "amber", "violet", "silver", "orange", "black"]
 MAX_NEEDLES = len(OWNERS)
+KEY_SAMPLES = 64  # keys tried for the minimum length: its longest-tokenizing ones set it
+MAX_DRAWS = 100  # key draws per trial before a length is called too short
 
 
 def needles(keys: list[str], retrieve: str) -> tuple[list[str], str, list[str]]:
@@ -36,11 +39,18 @@ def needles(keys: list[str], retrieve: str) -> tuple[list[str], str, list[str]]:
     return texts, " List every pass key. The pass keys are", keys
 
 
+def _needle_tokens(tokenizer: PreTrainedTokenizerBase, keys: list[str], retrieve: str) -> int:
+    texts, question, _ = needles(keys, retrieve)
+    return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts + [question])
+
+
 def minimum_length(tokenizer: PreTrainedTokenizerBase, n_needles: int, retrieve: str) -> int:
-    """The shortest context that holds bos, the needles, the question and one filler token."""
-    texts, question, _ = needles(["99999"] * n_needles, retrieve)
-    return len(bos(tokenizer)) + sum(len(tokenizer(t, add_special_tokens=False)["input_ids"])
-                                     for t in texts + [question]) + 1
+    """The shortest context that holds bos, the needles, the question and one filler token, for the keys of a fixed
+    sample that take the most tokens (a key's tokens depend on its digits); `needle_grid` redraws the rare keys
+    that take more."""
+    rng = random.Random(0)
+    samples = [[str(rng.randint(10000, 99999)) for _ in range(n_needles)] for _ in range(KEY_SAMPLES)]
+    return len(bos(tokenizer)) + max(_needle_tokens(tokenizer, keys, retrieve) for keys in samples) + 1
 
 
 def build_prompt(tokenizer: PreTrainedTokenizerBase, filler: list[int], length: int, depth: float, texts: list[str],
@@ -62,6 +72,17 @@ def build_prompt(tokenizer: PreTrainedTokenizerBase, filler: list[int], length: 
     return start + hay + q_ids
 
 
+def draw_keys(rng: random.Random, tokenizer: PreTrainedTokenizerBase, length: int, n_needles: int,
+              retrieve: str) -> list[str]:
+    """Distinct 5-digit keys whose needles and question leave `length` room for bos and one filler token."""
+    for _ in range(MAX_DRAWS):
+        keys = [str(k) for k in rng.sample(range(10000, 100000), n_needles)]
+        if len(bos(tokenizer)) + _needle_tokens(tokenizer, keys, retrieve) + 1 <= length:
+            return keys
+    raise ConfigError(f"length {length}: {MAX_DRAWS} draws of keys found none whose needles fit; use lengths >= "
+                      f"{minimum_length(tokenizer, n_needles, retrieve)}")
+
+
 def needle_grid(generate: Generate, tokenizer: PreTrainedTokenizerBase, filler: list[int], lengths: list[int],
                 depths: list[float], trials: int = 2, n_needles: int = 1, retrieve: str = "one", seed: int = 0) -> dict:
     """scores[depth][length]: the fraction of a cell's trials (each with new keys) answered exactly."""
@@ -73,7 +94,7 @@ def needle_grid(generate: Generate, tokenizer: PreTrainedTokenizerBase, filler: 
             for i, depth in enumerate(depths):
                 cases = []
                 for _ in range(trials):
-                    keys = [str(k) for k in rng.sample(range(10000, 100000), n_needles)]  # distinct keys
+                    keys = draw_keys(rng, tokenizer, length, n_needles, retrieve)
                     texts, question, answers = needles(keys, retrieve)
                     cases.append((build_prompt(tokenizer, filler, length, depth, texts, question, rng), answers))
                 # the answers as this tokenizer writes them (one token per digit for some), and two tokens more
