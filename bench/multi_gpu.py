@@ -22,9 +22,10 @@ that attempt only; the longest length is found by doubling, then bisecting to --
 Model TFLOP/s per GPU count the same work for both: 6·N·T for the matmuls (N = parameters
 outside the embedding, T = tokens of the step) plus 6·L·T²·D for causal attention (half the
 square, L layers, D = heads x head dim), over the step time and the GPUs; recomputation is not
-counted. Results: one JSON line per attempt in --out, and markdown tables for BENCHMARKS.md.
-Both sides start from the same seeded weights and data, so the `loss_sum` of a row (rank 0's,
-after one optimizer step) is the same on both: a check that they do the same work.
+counted. Results: one JSON line per attempt in --out, and markdown tables. Both sides start
+from the same seeded weights and data, and each JSON line records rank 0's `loss_sum` of the
+last timed step, so the two can be compared by hand; the tables do not compare them. No run of
+this script on GPUs is in BENCHMARKS.md yet: no machine with 2 or 4 GPUs has been lent.
 
 A CPU smoke run of the same code paths (gloo, the tiny demo model):
     DS_ACCELERATOR=cpu python bench/multi_gpu.py --gpus 2 --model-config longctx/assets/demo-llama \

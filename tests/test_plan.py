@@ -84,7 +84,7 @@ def test_loss_and_attention_switches_by_hand():
 
 
 def test_plain_hf_anchor_16k_fits_near_47_gib_and_32k_does_not():
-    """Measured on an H100 80 GB: 16K trains at ~47 GiB peak, 32K runs out of memory."""
+    """The project's measured anchor on an H100 80 GB: 16K trains at ~47 GiB peak, 32K runs out of memory."""
     at_16k = estimate(LLAMA_8B, PLAIN_HF, HF_SETTINGS, ONE_H100, 16384)
     assert at_16k.fits and abs(at_16k.gpu_peak / GiB - 47) <= 47 * 0.1
     assert not estimate(LLAMA_8B, PLAIN_HF, HF_SETTINGS, ONE_H100, 32768).fits
