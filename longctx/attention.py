@@ -259,9 +259,12 @@ def no_mask(*args, attention_mask=None, **kwargs) -> None:
     return None
 
 
-def _refuse_unsupported(backend: str, device: torch.device) -> None:
+def _refuse_unsupported(backend: str, device: torch.device, training: bool) -> None:
     if device.type == "cuda":
         return
+    if backend == "flex" and training:
+        raise ConfigError(f"attention.backend=flex: torch's FlexAttention trains only on CUDA (no backward on "
+                          f"{device.type}); use auto, sdpa or eager")
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError(f"attention.backend=triton needs a CUDA GPU (device is {device}); on CPU use auto or sdpa "
                          "(TRITON_INTERPRET=1 runs the kernels in Triton's interpreter, for tests)")
@@ -269,10 +272,11 @@ def _refuse_unsupported(backend: str, device: torch.device) -> None:
         raise ConfigError(f"attention.backend={backend}: no backend but eager is built for device {device}")
 
 
-def attention_implementation(backend: str, device: torch.device | str | None = None) -> str:
+def attention_implementation(backend: str, device: torch.device | str | None = None, training: bool = False) -> str:
     """Register `longctx_<backend>` with transformers and return the name for set_attn_implementation.
 
-    With `device`, a backend that cannot run there is refused now, before any model is built.
+    With `device`, a backend that cannot run there (or cannot train there, with `training`) is refused now,
+    before any model is built.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
@@ -280,7 +284,7 @@ def attention_implementation(backend: str, device: torch.device | str | None = N
     if backend not in ATTENTION_BACKENDS:
         raise ConfigError(f"attention.backend={backend!r}: must be one of {'|'.join(ATTENTION_BACKENDS)}")
     if device is not None:
-        _refuse_unsupported(backend, torch.device(device))
+        _refuse_unsupported(backend, torch.device(device), training)
     name = f"longctx_{backend}"
     AttentionInterface.register(name, functools.partial(attention_forward, backend=backend))
     AttentionMaskInterface.register(name, no_mask)

@@ -140,8 +140,8 @@ def require_host_memory(need_bytes: int, available_bytes: Optional[int] = None,
             "shorten data.seq_len, keep more layers on the GPU (train.gpu_checkpoint_layers), or use more GPUs (parallel.sp)")
 
 
-class _RngState:
-    """CPU and device generator states at a layer's forward, replayed in its recompute (dropout)."""
+class RngState:
+    """CPU and device generator states at a forward, replayed in its recompute (dropout masks)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -322,7 +322,7 @@ class _CheckpointedLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, offloader: LayerInputOffloader, index: int, hidden: torch.Tensor) -> torch.Tensor:
         ctx.run, ctx.offloader = run, offloader
-        ctx.rng = _RngState(hidden.device)
+        ctx.rng = RngState(hidden.device)
         ctx.stash = offloader.save(index, hidden)  # the copy overlaps the layer's own forward
         return run(hidden)
 

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from longctx.config import Recipe
+from longctx.loss import unwrap_causal_lm
 from longctx.model import add_lora
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ def export_run(engine: DeepSpeedEngine, model: torch.nn.Module, recipe: Recipe, 
     state = full_state_dict(engine)
     written = {}
     if is_main:
-        lm_config = (model.get_base_model() if recipe.lora.enabled else model).config
+        lm_config = unwrap_causal_lm(model).config
         written = export_state(strip_prefix(state, "lm."), lm_config, recipe, tokenizer, run_dir)
         log.info("exported %s", ", ".join(written.values()))
     dist.barrier()

@@ -38,6 +38,11 @@ def model_dir(recipe: Recipe) -> str:
     return recipe.model.path or recipe.model.config
 
 
+def model_key(recipe: Recipe) -> str:
+    """The recipe key that names the model directory, for messages."""
+    return "model.path" if recipe.model.path else "model.config"
+
+
 def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(recipe.model.tokenizer or model_dir(recipe))
 
@@ -92,7 +97,8 @@ def patch_model(model: torch.nn.Module, recipe: Recipe, device: torch.device, wo
     """Apply attention, RoPE and RMSNorm kernels, checkpointing and MLP tiling: a line per change for the run
     log, and the undo of all of them."""
     changes, undo = [], []
-    attn, before = attention_implementation(recipe.attention.backend, device), model.config._attn_implementation
+    attn = attention_implementation(recipe.attention.backend, device, training=True)
+    before = model.config._attn_implementation
     model.set_attn_implementation(attn)
     changes.append(f"attention: {attn}")
     undo.append(lambda: model.set_attn_implementation(before))

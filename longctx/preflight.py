@@ -18,7 +18,7 @@ from longctx.attention import attention_implementation, sliding_window
 from longctx.checkpoint import check_resumable, resolve_resume
 from longctx.config import ConfigError, Recipe
 from longctx.data import check_records
-from longctx.model import check_lora_targets, load_tokenizer, model_dir, scaled_config
+from longctx.model import check_lora_targets, load_tokenizer, model_dir, model_key, scaled_config
 from longctx.rope import rope_parameters
 
 # RoPE types whose frequencies transformers picks per forward from the largest position it is given
@@ -30,10 +30,7 @@ def check_inputs(recipe: Recipe) -> None:
     config, _ = scaled_config(recipe)  # every RoPE rule
     # the backend must run on the device DeepSpeed will pick (DS_ACCELERATOR, else CUDA when present)
     device = os.environ.get("DS_ACCELERATOR") or ("cuda" if torch.cuda.is_available() else "cpu")
-    attention_implementation(recipe.attention.backend, device)
-    if recipe.attention.backend == "flex" and device != "cuda":
-        raise ConfigError(f"attention.backend=flex: torch's FlexAttention trains only on CUDA (no backward on "
-                          f"{device}); use auto, sdpa or eager")
+    attention_implementation(recipe.attention.backend, device, training=True)
     check_attention(config, recipe)
     check_sequence_parallel_rope(config, recipe.parallel.sp)
     layers = config.get_text_config().num_hidden_layers
@@ -46,7 +43,7 @@ def check_inputs(recipe: Recipe) -> None:
     try:
         tokenizer = load_tokenizer(recipe)
     except Exception as e:  # transformers raises OSError, ValueError or others for a directory it cannot read
-        key = "model.tokenizer" if recipe.model.tokenizer else "model.path" if recipe.model.path else "model.config"
+        key = "model.tokenizer" if recipe.model.tokenizer else model_key(recipe)
         raise ConfigError(f"{key}={recipe.model.tokenizer or model_dir(recipe)!r}: no tokenizer loads from it "
                           f"({str(e).strip().splitlines()[0]})") from None
     if recipe.data.path is not None:
@@ -64,9 +61,9 @@ def check_attention(config: PretrainedConfig, recipe: Recipe) -> None:
     """Our attention is full causal over each document: a model that attends within a shorter window is refused."""
     window = sliding_window(config)
     if window is not None and window < recipe.data.seq_len:
-        key = "model.path" if recipe.model.path else "model.config"
-        raise ConfigError(f"{key}={model_dir(recipe)!r}: the model attends within a sliding window of {window} tokens, "
-                          f"shorter than data.seq_len={recipe.data.seq_len}, and longctx attention is full causal; "
+        raise ConfigError(f"{model_key(recipe)}={model_dir(recipe)!r}: the model attends within a sliding window of "
+                          f"{window} tokens, shorter than data.seq_len={recipe.data.seq_len}, and longctx attention "
+                          f"is full causal; "
                           f"set \"sliding_window\": null in a copy of its config.json to train it with full attention")
 
 

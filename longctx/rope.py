@@ -290,7 +290,7 @@ def scale_from_recipe(config: PretrainedConfig, section: RopeSection,
             scaled = scale_config(config, target, section.method, **params)
         except RopeError as e:
             raise ConfigError(str(e)) from None
-    after = describe(scaled)
+    after = before if scaled is config else describe(scaled)
     method = section.method if section.method != "auto" else f"auto -> {_method_name(scaled, config)}"
     return scaled, {
         "method": method,

@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from longctx.checkpointing import RngState
+
 TILED_MLP_SETTINGS = ("auto", "always", "never")  # not on/off: YAML reads those as booleans
 # auto tiles from this sequence length: at 32K the untiled intermediates of one 8B layer
 # (gate, up, act, product and their gradients) take ~6 GiB, and grow linearly past it.
@@ -41,20 +43,13 @@ class _SameRandomness:
     masks than the output. TiledMLP runs the tiles in the same order in forward (without grad) and backward."""
 
     def __init__(self) -> None:
-        self.states: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-        self.recomputed = 0
+        self.states: list[RngState] = []
 
     def __call__(self, mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        cuda = x.device.type == "cuda"
         if not torch.is_grad_enabled():  # forward
-            self.states.append((torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if cuda else None))
+            self.states.append(RngState(x.device))
             return _untiled(mlp, x)
-        cpu_state, cuda_state = self.states[self.recomputed]
-        self.recomputed += 1
-        with torch.random.fork_rng(devices=[x.device] if cuda else []):  # the caller's stream goes on untouched
-            torch.set_rng_state(cpu_state)
-            if cuda:
-                torch.cuda.set_rng_state(cuda_state, x.device)
+        with self.states.pop(0).restored():  # the caller's random stream goes on untouched
             return _untiled(mlp, x)
 
 
