@@ -139,6 +139,10 @@ class Cluster:
         return self.nodes * self.gpus_per_node
 
 
+# Parts of the GPU peak present at only one of the two moments that can be the peak (Estimate.phases)
+PHASE_PARTS = ("not-checkpointed layers", "offloaded inputs reloaded", "loss working set", "layer working set")
+
+
 @dataclass
 class Estimate:
     seq_len: int
@@ -156,12 +160,12 @@ class Estimate:
         (the plain layers' activations are freed by then)."""
         g = self.gpu
         top = g["not-checkpointed layers"] + max(g["loss working set"], self.transient)
-        return {"loss and the top layers without checkpointing": top, "recompute of a checkpointed layer": g["layer working set"]}
+        recompute = g["offloaded inputs reloaded"] + g["layer working set"]
+        return {"loss and the top layers without checkpointing": top, "recompute of a checkpointed layer": recompute}
 
     @property
     def gpu_peak(self) -> int:
-        steady = {k: v for k, v in self.gpu.items() if k not in (
-            "not-checkpointed layers", "loss working set", "layer working set")}
+        steady = {k: v for k, v in self.gpu.items() if k not in PHASE_PARTS}
         return sum(steady.values()) + max(self.phases().values())
 
     @property
@@ -321,7 +325,8 @@ def estimate(shape: ModelShape, f: Features, s: Settings, cluster: Cluster, seq_
     layer_input = tokens * b * h
     # a recomputed layer's first norm keeps the layer input itself (fused), counted among the inputs
     recompute = layer_saved - (layer_input if f.norm == "fused" else 0)
-    gpu["layer inputs kept"] = 0  # this and the next filled below, once the layout is known
+    gpu["layer inputs kept"] = 0  # this and the next two filled below, once the layout is known
+    gpu["offloaded inputs reloaded"] = 0
     gpu["not-checkpointed layers"] = 0
     # the final norm's saved input and output, and the hidden states handed to the loss
     gpu["final hidden states"] = tokens * (_norm_input(f, h) + 2 * b * h)
@@ -332,13 +337,15 @@ def estimate(shape: ModelShape, f: Features, s: Settings, cluster: Cluster, seq_
     gpu["loss working set"] = loss_working_set(shape, f, tokens)
     gpu_limit = cluster.gpu_mem - GPU_RESERVED_BYTES
     if layout is None and s.checkpointing == "auto":
-        room = gpu_limit - sum(v for k, v in gpu.items() if not k.endswith("working set"))
+        room = gpu_limit - sum(v for k, v in gpu.items() if k not in PHASE_PARTS)
         layout = choose_layout(shape.layers, layer_input, layer_saved,
                                recompute_room=room - gpu["layer working set"],
                                top_room=room - max(gpu["loss working set"], transient))
     elif layout is None:
         layout = layout_for(s.checkpointing, shape.layers, s.gpu_checkpoint_layers)
-    gpu["layer inputs kept"] = layout.inputs_on_gpu * layer_input
+    gpu["layer inputs kept"] = layout.gpu * layer_input
+    # backward frees kept inputs as it goes down, so reloaded ones add only where they outnumber them
+    gpu["offloaded inputs reloaded"] = (layout.inputs_in_backward - layout.gpu) * layer_input
     gpu["not-checkpointed layers"] = layout.plain * layer_saved
     if layout.host + layout.gpu == 0:
         gpu["layer working set"] = transient  # nothing is recomputed

@@ -68,9 +68,12 @@ class Layout:
         return self.host + self.gpu + self.plain
 
     @property
-    def inputs_on_gpu(self) -> int:
-        """Layer inputs on the GPU at once: those kept there, and offloaded ones in flight."""
-        return self.gpu + min(IN_FLIGHT, self.host)
+    def inputs_in_backward(self) -> int:
+        """Most layer inputs on the GPU at once while checkpointed layers are recomputed. Backward
+        frees each kept input as its layer finishes, top down, and offloaded inputs come back only
+        below the kept ones: the lowest kept layer runs beside the first prefetch, then two
+        offloaded inputs are there at a time (the one recomputed, the one prefetched)."""
+        return max(self.gpu, min(IN_FLIGHT, self.host + min(self.gpu, 1)))
 
     def describe(self) -> str:
         if self.host == self.gpu == 0:
@@ -101,8 +104,7 @@ def choose_layout(n_layers: int, input_bytes: int, plain_bytes: int, recompute_r
     layers' activations). Inputs on the GPU come first (each saves two copies), then plain layers
     (each saves a recompute); when not every input fits, the rest go to host memory."""
     if n_layers * input_bytes > recompute_room or n_layers * input_bytes > top_room:
-        room = min(recompute_room, top_room) // max(1, input_bytes) - IN_FLIGHT
-        on_gpu = min(n_layers, max(0, room))
+        on_gpu = min(n_layers, max(0, min(recompute_room, top_room) // max(1, input_bytes)))
         return Layout(n_layers - on_gpu, on_gpu, 0)
     extra = max(1, plain_bytes - input_bytes)  # a gpu layer turned plain: its activations instead of its input
     plain = min(n_layers, (top_room - n_layers * input_bytes) // extra)

@@ -136,15 +136,18 @@ def test_choose_layout_fills_the_budget_cheapest_first():
     assert choose(4 * inp + 900) == Layout(0, 3, 1)
     assert choose(4 * inp + 899) == Layout(0, 4, 0)
     assert choose(4 * inp + 10**6) == Layout(0, 0, 4)
-    # not every input fits (at either moment): two are in flight from host memory, the rest stay
-    assert choose(4 * inp - 1) == Layout(3, 1, 0)
-    assert choose(10**9, recompute_room=4 * inp - 1) == Layout(3, 1, 0)
-    assert choose(2 * inp) == Layout(4, 0, 0)
+    # not every input fits (at either moment): as many stay as fit, the rest go to host memory (backward
+    # frees the kept inputs, top down, before offloaded ones come back, so both share the same room)
+    assert choose(4 * inp - 1) == Layout(1, 3, 0)
+    assert choose(10**9, recompute_room=4 * inp - 1) == Layout(1, 3, 0)
+    assert choose(2 * inp) == Layout(2, 2, 0)
     assert choose(-5) == Layout(4, 0, 0)
+    # inputs on the GPU at the busiest moment of backward: the kept ones, or the two offloaded in flight
+    assert [Layout(*hgp).inputs_in_backward for hgp in ((0, 5, 0), (30, 2, 0), (3, 1, 0), (4, 0, 0), (1, 0, 3))] == [5, 2, 2, 2, 1]
     for top in range(0, 6000, 37):  # whatever is chosen fits, unless even all-offloaded does not
         for recompute in (top, 350, 10**6):
             layout = choose(top, recompute)
-            on_gpu = layout.inputs_on_gpu * inp
+            on_gpu = layout.inputs_in_backward * inp
             assert layout.layers == 4
             assert on_gpu + layout.plain * plain <= max(top, 2 * inp)
             assert on_gpu <= max(recompute, 2 * inp)
