@@ -19,6 +19,9 @@ FLOPs (linear layers, lm_head and causal attention), recompute not counted, for 
 
     python bench/single_gpu.py --runs longctx:16k,hf:16k,ds:16k,longctx:256k --out $OUT/single_gpu.json
 
+--set KEY=VALUE passes a recipe override to the longctx stack, e.g. to force a layout:
+    python bench/single_gpu.py --runs longctx:256k --set train.checkpointing=offload --set train.gpu_checkpoint_layers=2
+
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ def model_flops(config, tokens: int) -> float:
     return 3 * tokens * (2 * linear + attention)
 
 
-def build(stack: str, seq_len: int):
+def build(stack: str, seq_len: int, overrides: list[str]):
     """The LoRA model of one stack, its optimizer, and what was patched (for the record)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -102,7 +105,7 @@ def build(stack: str, seq_len: int):
 
         # what `launcher/run.py --config recipes/llama3-8b-lora-1gpu.yaml data.seq_len=N` does to the model
         # before LoRA: our attention, fused RoPE and RMSNorm, the checkpointing layout the planner picks, tiled MLP
-        recipe = load_recipe(str(RECIPE), [f"data.seq_len={seq_len}"])
+        recipe = load_recipe(str(RECIPE), [f"data.seq_len={seq_len}", *overrides])
         t0 = time.perf_counter()
         record["changes"] = patch_model(model, recipe, torch.device("cuda"), world=1).changes
         record["patch_s"] = round(time.perf_counter() - t0, 1)
@@ -159,14 +162,14 @@ def train_step(stack: str, model, optimizer, ids) -> float:
     return loss.item()
 
 
-def child(stack: str, seq_len: int, steps: int) -> dict:
+def child(stack: str, seq_len: int, steps: int, overrides: list[str]) -> dict:
     import torch
 
     watch = HostMemoryWatch()
     row = {"stack": stack, "seq_len": seq_len, "device": torch.cuda.get_device_name()}
     try:
         t0 = time.perf_counter()
-        model, optimizer, config, record = build(stack, seq_len)
+        model, optimizer, config, record = build(stack, seq_len, overrides)
         row.update(record, build_s=round(time.perf_counter() - t0, 1))
         gen = torch.Generator(device="cuda").manual_seed(seq_len)
         warm = torch.randint(0, config.vocab_size, (1, WARMUP_TOKENS), device="cuda", generator=gen)
@@ -211,11 +214,13 @@ def main() -> None:
                    help="stack:length pairs, run in this order; a stack stops at its first out-of-memory")
     p.add_argument("--steps", type=int, default=0, help="timed steps per run (last reported); 0: 2 up to 32K, else 1")
     p.add_argument("--deadline", type=float, default=560, help="seconds: no run starts after this, a running one is stopped")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe override for the longctx stack, e.g. train.gpu_checkpoint_layers=2 (repeatable)")
     p.add_argument("--out", default=os.environ.get("OUT", ".") + "/single_gpu.json")
     p.add_argument("--child", nargs=3, metavar=("STACK", "TOKENS", "STEPS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args.child[0], int(args.child[1]), int(args.child[2]))), flush=True)
+        print("RESULT " + json.dumps(child(args.child[0], int(args.child[1]), int(args.child[2]), args.set)), flush=True)
         return
 
     start, rows, failed = time.perf_counter(), [], set()
@@ -230,7 +235,7 @@ def main() -> None:
                          "error": "after its out-of-memory" if stack in failed else "device-time deadline"})
             continue
         steps = args.steps or (2 if seq_len <= 32768 else 1)
-        cmd = [sys.executable, __file__, "--child", stack, str(seq_len), str(steps)]
+        cmd = [sys.executable, __file__, "--child", stack, str(seq_len), str(steps), *(f"--set={o}" for o in args.set)]
         env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=left, env=env)
