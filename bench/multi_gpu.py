@@ -24,8 +24,8 @@ outside the embedding, T = tokens of the step) plus 6·L·T²·D for causal atte
 square, L layers, D = heads x head dim), over the step time and the GPUs; recomputation is not
 counted. Results: one JSON line per attempt in --out, and markdown tables. Both sides start
 from the same seeded weights and data, and each JSON line records rank 0's `loss_sum` of the
-last timed step, so the two can be compared by hand; the tables do not compare them. No run of
-this script on GPUs is in BENCHMARKS.md yet: no machine with 2 or 4 GPUs has been lent.
+last timed step, so the two can be compared by hand; the tables do not compare them. BENCHMARKS.md has its runs on 1 and 2 GPUs; none on 4
+GPUs yet (no such machine has been lent).
 
 A CPU smoke run of the same code paths (gloo, the tiny demo model):
     DS_ACCELERATOR=cpu python bench/multi_gpu.py --gpus 2 --model-config longctx/assets/demo-llama \
@@ -267,10 +267,12 @@ def _port() -> str:
 def attempt(args, impl: str, seq_len: int, workdir: Path) -> dict:
     """One deepspeed launch at one length; a failure is a row with its reason, never an exception."""
     result, log = workdir / f"{impl}-{seq_len}.json", workdir / f"{impl}-{seq_len}.log"
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(args.gpus), "--master_port", _port(),
+    # the launcher as a module: its script need not sit beside this interpreter (wheels installed with --target)
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.gpus), "--master_port", _port(),
            __file__, "--worker", "--impl", impl, "--seq-len", str(seq_len), "--steps", str(args.steps),
            "--model-config", args.model_config, "--attention", args.attention, "--result", str(result)]
-    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "PYTHONPATH": path}
     began = time.perf_counter()
     with log.open("w") as f:
         try:
