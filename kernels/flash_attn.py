@@ -241,7 +241,9 @@ def _dq_tile(Q, K, V, DO, LSE, DELTA, DQ, pid_m, h, hk, q0, k0, len_q, len_k, sc
 # on the packed bench, 10% slower on many tiny documents), half of each tile's exponentials as a polynomial on
 # the FMA units (forward 7-10% slower). Triton 3.6's automatic warp specialisation (`tl.range(...,
 # warp_specialize=True)`) does nothing for these loops on Hopper: it fails to compile at 4 warps and leaves
-# the loop unspecialised at 8 (tried on a TMA forward).
+# the loop unspecialised at 8 (tried on a TMA forward). The dk/dv loop spills registers at 64-row steps; 32-row
+# steps, which do not spill, were 5% slower at 32K, and loading dq's k/v tiles by TMA 3% slower: what bounds this
+# kernel is the softmax arithmetic waiting on each wgmma (one program per SM), which needs warp specialisation.
 @triton.jit
 def _bwd_kernel(
     Q, K, V, DO, QD, DOD, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, max_q, max_k, scale_log2, scale,
