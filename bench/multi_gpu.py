@@ -24,8 +24,8 @@ outside the embedding, T = tokens of the step) plus 6·L·T²·D for causal atte
 square, L layers, D = heads x head dim), over the step time and the GPUs; recomputation is not
 counted. Results: one JSON line per attempt in --out, and markdown tables. Both sides start
 from the same seeded weights and data, and each JSON line records rank 0's `loss_sum` of the
-last timed step, so the two can be compared by hand; the tables do not compare them. BENCHMARKS.md has its runs on 1 and 2 GPUs; none on 4
-GPUs yet (no such machine has been lent).
+last timed step, so the two can be compared by hand; the tables do not compare them.
+BENCHMARKS.md has its runs on 1 and 2 GPUs; none on 4 GPUs yet (no such machine has been lent).
 
 A CPU smoke run of the same code paths (gloo, the tiny demo model):
     DS_ACCELERATOR=cpu python bench/multi_gpu.py --gpus 2 --model-config longctx/assets/demo-llama \

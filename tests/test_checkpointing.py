@@ -143,7 +143,8 @@ def test_choose_layout_fills_the_budget_cheapest_first():
     assert choose(2 * inp) == Layout(2, 2, 0)
     assert choose(-5) == Layout(4, 0, 0)
     # inputs on the GPU at the busiest moment of backward: the kept ones, or the two offloaded in flight
-    assert [Layout(*hgp).inputs_in_backward for hgp in ((0, 5, 0), (30, 2, 0), (3, 1, 0), (4, 0, 0), (1, 0, 3))] == [5, 2, 2, 2, 1]
+    layouts = [Layout(0, 5, 0), Layout(30, 2, 0), Layout(3, 1, 0), Layout(4, 0, 0), Layout(1, 0, 3)]
+    assert [layout.inputs_in_backward for layout in layouts] == [5, 2, 2, 2, 1]
     for top in range(0, 6000, 37):  # whatever is chosen fits, unless even all-offloaded does not
         for recompute in (top, 350, 10**6):
             layout = choose(top, recompute)
