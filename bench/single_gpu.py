@@ -223,6 +223,13 @@ def main() -> None:
         print("RESULT " + json.dumps(child(args.child[0], int(args.child[1]), int(args.child[2]), args.set)), flush=True)
         return
 
+    if args.set:  # a bad override is refused here, not after minutes of building the model in each child
+        from longctx.config import ConfigError, load_recipe
+
+        try:
+            load_recipe(str(RECIPE), args.set)
+        except ConfigError as e:
+            p.error(f"--set: {e}")
     start, rows, failed = time.perf_counter(), [], set()
     for item in args.runs.split(","):
         stack, length = item.split(":")
