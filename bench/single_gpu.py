@@ -111,6 +111,8 @@ def build(stack: str, seq_len: int, overrides: list[str]):
         record["patch_s"] = round(time.perf_counter() - t0, 1)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS),
                            autocast_adapter_dtype=False)
+    if stack == "longctx":
+        model.get_base_model().disable_input_require_grads()  # as longctx.model.add_lora does
     model.train()
     if stack in ("hf", "ds", "ds-cpu"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

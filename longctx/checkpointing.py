@@ -303,11 +303,11 @@ class LayerInputOffloader:
             if value.requires_grad:
                 raise ValueError(f"decoder layer {index}: a keyword input requires grad; checkpointing "
                                  "recomputes from the hidden states alone and would drop its gradient")
-        if not hidden.requires_grad:
-            # Frozen embeddings (LoRA): the function must still be in the graph for the
-            # layers' adapters to receive gradients.
-            hidden = hidden.detach().requires_grad_()
-        return _CheckpointedLayer.apply(run, self, index, hidden)
+        # Frozen embeddings (LoRA): the function must still be in the graph for the layers' adapters to
+        # receive gradients. An empty tensor that requires grad puts it there; making `hidden` itself a
+        # leaf would keep it alive (autograd holds leaves) even when its copy is in host memory.
+        anchor = None if hidden.requires_grad else hidden.new_empty(0).requires_grad_()
+        return _CheckpointedLayer.apply(run, self, index, hidden, anchor)
 
 
 def _tensors(values) -> Iterator[torch.Tensor]:
@@ -322,7 +322,8 @@ class _CheckpointedLayer(torch.autograd.Function):
     """forward: run the layer without saving; backward: reload the input, recompute, differentiate."""
 
     @staticmethod
-    def forward(ctx, run, offloader: LayerInputOffloader, index: int, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, run, offloader: LayerInputOffloader, index: int, hidden: torch.Tensor,
+                anchor: Optional[torch.Tensor]) -> torch.Tensor:
         ctx.run, ctx.offloader = run, offloader
         ctx.rng = RngState(hidden.device)
         ctx.stash = offloader.save(index, hidden)  # the copy overlaps the layer's own forward
@@ -330,13 +331,23 @@ class _CheckpointedLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        hidden = ctx.offloader.load(ctx.stash).detach().requires_grad_()
-        with torch.enable_grad(), ctx.rng.restored():
+        hidden = ctx.offloader.load(ctx.stash).detach().requires_grad_(ctx.needs_input_grad[3])
+        saved = set()
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.enable_grad(), ctx.rng.restored(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = ctx.run(hidden)
+        if out.untyped_storage().data_ptr() not in saved:
+            # Backward needs the output's graph, not its values (nothing in the layer saved them): freed
+            # now, a whole layer output less at the peak.
+            out.untyped_storage().resize_(0)
         # Parameter gradients accumulate here, as in reentrant checkpointing (DeepSpeed's hooks see them).
         torch.autograd.backward(out, grad_out)
         ctx.run = ctx.stash = None
-        return None, None, None, hidden.grad
+        return None, None, None, hidden.grad, None
 
 
 @dataclass

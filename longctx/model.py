@@ -90,7 +90,12 @@ def add_lora(model: torch.nn.Module, section: LoraSection) -> torch.nn.Module:
     from peft import get_peft_model
 
     check_lora_targets(model, section)
-    return get_peft_model(model, lora_config(section))
+    lora = get_peft_model(model, lora_config(section))
+    # peft makes the input embeddings' output require grad when the model checkpoints; our checkpointing
+    # needs no such leaf, and autograd would hold it through the step (a layer input kept on the GPU even
+    # when offloaded)
+    model.disable_input_require_grads()
+    return lora
 
 
 def patch_model(model: torch.nn.Module, recipe: Recipe, device: torch.device, world: int = 1) -> ModelPatch:

@@ -70,6 +70,66 @@ def test_plain_layers_are_not_recomputed():
     handle.undo()
 
 
+def with_layer_class(model, make):
+    """Every decoder layer becomes an instance of make(its class): a subclass whose forward wraps the layer's."""
+    for layer in decoder_layers(model):
+        layer.__class__ = make(type(layer))
+    return model
+
+
+def test_recomputed_output_is_freed_before_its_backward():
+    outputs = []
+
+    def make(base):
+        class Recorded(base):
+            def forward(self, *args, **kwargs):
+                outputs.append(super().forward(*args, **kwargs))
+                return outputs[-1]
+        return Recorded
+
+    model = with_layer_class(tiny_llama(), make)
+    handle = apply_checkpointing(model, Layout(2, 2, 0))
+    loss_and_grads(model)
+    forward, recomputed = outputs[:4], outputs[4:]
+    assert len(recomputed) == 4 and all(o.untyped_storage().nbytes() == 0 for o in recomputed)
+    assert all(o.untyped_storage().nbytes() > 0 for o in forward)
+    handle.undo()
+
+
+def test_a_layer_output_that_backward_reads_is_kept():
+    """sigmoid saves its result: a layer ending in one must keep its recomputed output."""
+    def make(base):
+        class EndsInSigmoid(base):
+            def forward(self, *args, **kwargs):
+                return torch.sigmoid(super().forward(*args, **kwargs))
+        return EndsInSigmoid
+
+    model = with_layer_class(tiny_llama(), make)
+    reference = loss_and_grads(model)
+    handle = apply_checkpointing(model, Layout(2, 2, 0))
+    assert_same(loss_and_grads(model), reference)
+    handle.undo()
+
+
+def test_offloaded_first_layer_input_is_not_kept_with_lora():
+    """LoRA is added after checkpointing, as load_model does; the embeddings' output must not outlive forward."""
+    import weakref
+
+    from longctx.config import LoraSection
+    from longctx.model import add_lora
+
+    model = tiny_llama()
+    handle = apply_checkpointing(model, Layout(4, 0, 0))
+    model = add_lora(model, LoraSection(enabled=True, r=4))
+    embedded = []
+    model.get_input_embeddings().register_forward_hook(lambda m, args, out: embedded.append(weakref.ref(out)))
+    loss_sum, n = causal_lm_loss(model, *batch(), chunk_tokens=32)
+    assert embedded[0]() is None
+    (loss_sum / n).backward()
+    assert all(p.grad is not None for name, p in model.named_parameters() if "lora_" in name)
+    handle.undo()
+
+
 def test_offloaded_lora_adapters_get_the_gradients_of_no_checkpointing():
     from peft import LoraConfig, get_peft_model
 
