@@ -37,7 +37,7 @@ GiB = 2**30
 # Not visible to max_memory_allocated but taken from the card: CUDA context, cuBLAS/cuDNN
 # workspaces, NCCL channels, and blocks the caching allocator cannot reuse.
 GPU_RESERVED_BYTES = 2 * GiB
-ATTENTION_KINDS = ("flash", "sdpa-flash", "sdpa-mask", "eager")
+ATTENTION_KINDS = ("flash", "cudnn", "sdpa-flash", "sdpa-mask", "eager")
 SEARCHABLE = ("zero_stage", "offload", "sp", "checkpointing")
 
 
@@ -94,8 +94,8 @@ class Features:
     lora_targets: tuple[str, ...] = tuple(LORA_TARGETS_ALL)
     extra_trainable: int = 0  # LongLoRA: embeddings and norms trained beside the adapters
     adapter_fp32: bool = False  # peft's default upcast: adapters in fp32, each adapted linear keeps an fp32 copy of its input
-    # flash: O(seq), ours or cuDNN | sdpa-flash: O(seq), SDPA's flash backend (an fp32 dq accumulator)
-    # | sdpa-mask: dense (seq x seq) mask | eager: scores materialised
+    # flash: O(seq), ours | cudnn: O(seq), SDPA's cuDNN backend (a larger backward workspace) | sdpa-flash:
+    # O(seq), SDPA's flash backend (an fp32 dq accumulator) | sdpa-mask: dense (seq x seq) mask | eager: scores
     attention: str = "flash"
     loss: str = "chunked"  # chunked: logits per chunk, recomputed | full: (seq x vocab) logits in fp32
     loss_chunk_tokens: int = 4096
@@ -140,7 +140,8 @@ class Cluster:
 
 
 # Parts of the GPU peak present at only one of the two moments that can be the peak (Estimate.phases)
-PHASE_PARTS = ("not-checkpointed layers", "offloaded inputs reloaded", "loss working set", "layer working set")
+PHASE_PARTS = ("not-checkpointed layers", "offloaded inputs reloaded", "final hidden states", "loss working set",
+               "layer working set")
 
 
 @dataclass
@@ -152,14 +153,14 @@ class Estimate:
     gpu_limit: int
     host_limit: int
     layout: Layout  # the checkpointing layout of the decoder layers (auto resolved)
-    transient: int  # gradients alive while one layer's backward runs (part of the layer working set)
+    transient: int  # gradients and workspaces alive while a not-checkpointed layer runs backward
 
     def phases(self) -> dict[str, int]:
         """Bytes beyond the steady part at the two moments that can be the peak: the loss and the
         backward of the not-checkpointed top layers, then the recompute of checkpointed layers
-        (the plain layers' activations are freed by then)."""
+        (the plain layers' activations and the final hidden states are freed by then)."""
         g = self.gpu
-        top = g["not-checkpointed layers"] + max(g["loss working set"], self.transient)
+        top = g["not-checkpointed layers"] + max(g["final hidden states"] + g["loss working set"], self.transient)
         recompute = g["offloaded inputs reloaded"] + g["layer working set"]
         return {"loss and the top layers without checkpointing": top, "recompute of a checkpointed layer": recompute}
 
@@ -247,25 +248,39 @@ def _comm_buffers(zero: int, b: int) -> int:
     return reduce + gather * b
 
 
-def saved_per_token(shape: ModelShape, f: Features) -> int:
-    """Bytes autograd keeps per token for one decoder layer run without checkpointing (linear part)."""
+ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def saved_halves(shape: ModelShape, f: Features) -> tuple[int, int]:
+    """Bytes autograd keeps per token for the attention half and the MLP half of one decoder layer
+    run without checkpointing (linear part); each half is an RMSNorm and what follows it."""
     b, h, d = f.act_bytes, shape.hidden, shape.head_dim
     # RMSNorm: its input (transformers: the fp32 upcast that pow and mul save; fused: the input
     # and one fp32 1/rms), its output (saved by the next linears), and, in transformers, the
     # normalised input when the norm weight is trained (the kernel recomputes it)
     trained = b * h if f.norms_trainable and f.norm == "torch" else 0
     norm = _norm_input(f, h) + b * h + trained
-    # attention: q and k after RoPE, v, the kernel's output, its logsumexp, o_proj's input
-    attention = b * d * (2 * shape.heads + 2 * shape.kv_heads) + b * shape.heads * d + 4 * shape.heads
-    # SwiGLU: gate (SiLU's input), SiLU's output, up, and their product (down_proj's input)
+    # q and k after RoPE, v, the kernel's output (o_proj's input is a view of it), its logsumexp
+    attention = b * d * (2 * shape.heads + 2 * shape.kv_heads) + 4 * shape.heads
+    # SwiGLU: gate (SiLU's input), SiLU's output, up, and their product (down_proj's input); a tiled
+    # MLP keeps only its input (the norm's output) and recomputes the rest, adapters included
     mlp = 0 if f.mlp_tile_tokens else 4 * b * shape.intermediate
-    adapters = 0
-    if f.lora_r is not None:
-        for name, (fan_in, _) in shape.linears().items():
-            if name in f.lora_targets:
-                # lora_B keeps lora_A's output; an fp32 adapter keeps its own fp32 copy of the input
-                adapters += f.lora_r * (4 if f.adapter_fp32 else b) + (4 * fan_in if f.adapter_fp32 else 0)
-    return 2 * norm + attention + mlp + adapters
+    attention_adapters = mlp_adapters = 0
+    for name, (fan_in, _) in shape.linears().items():
+        if f.lora_r is None or name not in f.lora_targets:
+            continue
+        # lora_B keeps lora_A's output; an fp32 adapter keeps its own fp32 copy of the input
+        kept = f.lora_r * (4 if f.adapter_fp32 else b) + (4 * fan_in if f.adapter_fp32 else 0)
+        if name in ATTENTION_LINEARS:
+            attention_adapters += kept
+        elif not f.mlp_tile_tokens:
+            mlp_adapters += kept
+    return norm + attention + attention_adapters, norm + mlp + mlp_adapters
+
+
+def saved_per_token(shape: ModelShape, f: Features) -> int:
+    """Bytes autograd keeps per token for one decoder layer run without checkpointing (linear part)."""
+    return sum(saved_halves(shape, f))
 
 
 def _norm_input(f: Features, h: int) -> int:
@@ -283,19 +298,27 @@ def quadratic_saved(shape: ModelShape, f: Features, seq_len: int, sp: int) -> in
     return 0
 
 
-def layer_transient(shape: ModelShape, f: Features, tokens: int, sp: int) -> int:
-    """Gradients alive while one layer's backward runs, beyond what the layer saved."""
-    b, d = f.act_bytes, shape.head_dim
+def attention_workspace(shape: ModelShape, f: Features) -> int:
+    """Bytes per token the attention kernel's backward allocates for itself."""
+    hd = shape.heads * shape.head_dim
+    # ours: the row sums of dO * O; SDPA's flash backend: an fp32 dq accumulator; cuDNN: one block of
+    # 8 bytes per query element plus its own row sums (measured on an H200 at 32 query / 8 kv heads)
+    return {"flash": 4 * shape.heads, "sdpa-flash": 4 * hd, "cudnn": 8 * hd + 4 * shape.heads}.get(f.attention, 0)
+
+
+def backward_working_sets(shape: ModelShape, f: Features, tokens: int, sp: int) -> tuple[int, int]:
+    """Gradients and workspaces alive, beyond saved activations, while the attention half and while
+    the MLP half of one layer runs backward."""
+    b, h, d = f.act_bytes, shape.hidden, shape.head_dim
     qkv = b * d * (shape.heads + 2 * shape.kv_heads)
-    residual = 2 * b * shape.hidden  # gradient flowing in and the one flowing out
-    attention = qkv + (4 * shape.heads * d if f.attention == "sdpa-flash" else 0)  # dq, dk, dv (+ fp32 dq)
-    if sp > 1:
-        attention += qkv  # all-to-all output buffers
+    residual = 2 * b * h  # the gradient flowing in, and the one flowing out being summed
+    # the gradient of the kernel's output, dq, dk and dv (and the all-to-all's copies of them)
+    attention = residual + b * shape.heads * d + qkv * (2 if sp > 1 else 1) + attention_workspace(shape, f)
     if f.mlp_tile_tokens:
         tile = min(f.mlp_tile_tokens, tokens)
         # a tile recomputes its 4 intermediates and their 3 gradients; the input gradient is whole
-        return tokens * (residual + attention + b * shape.hidden) + tile * 7 * b * shape.intermediate
-    return tokens * (residual + max(attention, 3 * b * shape.intermediate))
+        return tokens * attention, tokens * (residual + b * h) + tile * 7 * b * shape.intermediate
+    return tokens * attention, tokens * (residual + 3 * b * shape.intermediate)
 
 
 def loss_working_set(shape: ModelShape, f: Features, tokens: int) -> int:
@@ -321,10 +344,16 @@ def estimate(shape: ModelShape, f: Features, s: Settings, cluster: Cluster, seq_
         f = replace(f, mlp_tile_tokens=0)
     tokens = f.micro_batch * seq_len // s.sp  # tokens this rank holds between attention calls
     gpu, host_rank = model_states(shape, f, s, world)
-    layer_saved = tokens * saved_per_token(shape, f) + quadratic_saved(shape, f, seq_len, s.sp)
+    attention_saved, mlp_saved = (tokens * n for n in saved_halves(shape, f))
+    attention_saved += quadratic_saved(shape, f, seq_len, s.sp)
+    layer_saved = attention_saved + mlp_saved
     layer_input = tokens * b * h
-    # a recomputed layer's first norm keeps the layer input itself (fused), counted among the inputs
-    recompute = layer_saved - (layer_input if f.norm == "fused" else 0)
+    attention_ws, mlp_ws = backward_working_sets(shape, f, tokens, s.sp)
+    transient = max(attention_ws, mlp_ws)
+    # A recomputed layer at its backward's two moments: the MLP half with everything the layer saved,
+    # then the attention half once the MLP half's tensors are freed. The first norm's input is the kept
+    # layer input itself when fused (counted among the inputs); the recomputed output is freed at once.
+    recompute = max(layer_saved + mlp_ws, attention_saved + attention_ws) - (layer_input if f.norm == "fused" else 0)
     gpu["layer inputs kept"] = 0  # this and the next two filled below, once the layout is known
     gpu["offloaded inputs reloaded"] = 0
     gpu["not-checkpointed layers"] = 0
@@ -332,15 +361,14 @@ def estimate(shape: ModelShape, f: Features, s: Settings, cluster: Cluster, seq_
     gpu["final hidden states"] = tokens * (_norm_input(f, h) + 2 * b * h)
     mask = {"sdpa-mask": 1, "eager": b}.get(f.attention, 0)
     gpu["attention mask"] = f.micro_batch * seq_len * seq_len * mask
-    transient = layer_transient(shape, f, tokens, s.sp)
-    gpu["layer working set"] = recompute + transient
+    gpu["layer working set"] = recompute
     gpu["loss working set"] = loss_working_set(shape, f, tokens)
     gpu_limit = cluster.gpu_mem - GPU_RESERVED_BYTES
     if layout is None and s.checkpointing == "auto":
         room = gpu_limit - sum(v for k, v in gpu.items() if k not in PHASE_PARTS)
         layout = choose_layout(shape.layers, layer_input, layer_saved,
                                recompute_room=room - gpu["layer working set"],
-                               top_room=room - max(gpu["loss working set"], transient))
+                               top_room=room - max(gpu["final hidden states"] + gpu["loss working set"], transient))
     elif layout is None:
         layout = layout_for(s.checkpointing, shape.layers, s.gpu_checkpoint_layers)
     gpu["layer inputs kept"] = layout.gpu * layer_input
@@ -409,9 +437,9 @@ def longest_any(shape: ModelShape, f: Features, cluster: Cluster, fixed: Setting
     return best, best_settings
 
 
-# our sdpa backend runs one SDPA call per document, no mask: counted as SDPA's flash backend, whose
-# fp32 dq accumulator is the largest of SDPA's fused kernels
-ATTENTION_OF_BACKEND = {"auto": "flash", "triton": "flash", "flex": "flash", "sdpa": "sdpa-flash", "eager": "eager"}
+# auto on CUDA runs cuDNN for one document per row (ours for packed ones): counted as cuDNN, the larger.
+# Our sdpa backend runs one SDPA call per document, no mask: counted as SDPA's flash backend.
+ATTENTION_OF_BACKEND = {"auto": "cudnn", "triton": "flash", "flex": "flash", "sdpa": "sdpa-flash", "eager": "eager"}
 
 
 def from_recipe(recipe: Recipe, on_gpu: bool = True) -> tuple[ModelShape, Features, Settings]:

@@ -52,11 +52,13 @@ def test_8b_counts_by_hand():
     assert LLAMA_8B.params == 8_030_261_248
     assert LLAMA_8B.lora_params(16, tuple(LORA_TARGETS_ALL)) == 41_943_040  # peft prints this for Llama-3-8B
     # per token per layer, bf16, LoRA with frozen norms: two norms (fp32 input 4h + bf16 output 2h);
-    # q and k after RoPE, v and the kernel output (2 bytes x 128 x (32 + 8 + 8 + 32)), o_proj's
-    # input (2 x 32 x 128), the fp32 logsumexp (4 x 32); SwiGLU 4 x 2 x 14336; 7 adapters x 2 bytes x r
+    # q and k after RoPE, v and the kernel output, which o_proj reads as a view (2 bytes x 128 x
+    # (32 + 8 + 8 + 32)), the fp32 logsumexp (4 x 32); SwiGLU 4 x 2 x 14336; 7 adapters x 2 bytes x r
     norms = 2 * (4 * 4096 + 2 * 4096)
-    attention = 2 * 128 * (32 + 8 + 8 + 32) + 2 * 32 * 128 + 4 * 32
+    attention = 2 * 128 * (32 + 8 + 8 + 32) + 4 * 32
     assert saved_per_token(LLAMA_8B, Features()) == norms + attention + 4 * 2 * 14336 + 7 * 16 * 2
+    # a tiled MLP keeps its input alone (the norm's output): its adapters are recomputed with each tile
+    assert saved_per_token(LLAMA_8B, Features(mlp_tile_tokens=4096)) == norms + attention + 4 * 16 * 2
 
 
 def test_zero3_full_finetune_states_by_hand():
@@ -132,8 +134,8 @@ def test_auto_checkpointing_spends_what_the_gpu_has_left():
         est = estimate(LLAMA_8B, f, s, ONE_H100, n * 1024)
         assert est.fits and est.gpu_peak <= est.gpu_limit
         assert est.host.get("offloaded activations", 0) == est.layout.host * n * 1024 * 4096 * 2
-    # auto reaches as far as offloading everything does
-    assert longest_fitting(LLAMA_8B, f, s, ONE_H100) == longest_fitting(
+    # auto reaches at least as far as offloading everything does (further where host memory runs out first)
+    assert longest_fitting(LLAMA_8B, f, s, ONE_H100) >= longest_fitting(
         LLAMA_8B, f, replace(s, checkpointing="offload"), ONE_H100)
 
 
@@ -153,30 +155,28 @@ def test_parallel_auto_replaces_only_the_free_settings():
         resolve_auto(load_recipe(path, ["parallel.auto=[sp]", "data.seq_len=8388608"]), node)
 
 
-# Measured with bench/single_gpu.py: tokens, RMSNorm, layout the run used (host, gpu, plain),
-# max_memory_allocated in GiB. The last six rows are the runs in BENCHMARKS.md, all on an H100 80GB
-# but the 256K (30, 2, 0) one (an H200, the layout forced with --set); the H200 run with its own
-# choice (0, 29, 3) is left out, as it does not fit the 80 GB this test plans for. The other rows
-# are H100 runs of earlier changes with other layouts.
+# Peaks (max_memory_allocated, GiB) of one 8B LoRA step by the code as it is: tokens, layout (host, gpu,
+# plain). H200 runs of 2026-11-30 (BENCHMARKS.md, "Planner against measured peaks"), but the 16K, 128K
+# (0, 31, 1) and (0, 29, 3) rows: H100 runs of 2026-11-25, whose peak (the loss) this change left alone
+# (the H200 re-ran 16K and (0, 29, 3) at 70.94 and 71.75 GiB).
 MEASURED_PEAKS = [
-    (131072, "fused", (0, 31, 1), 60.7), (409600, "fused", (32, 0, 0), 65.5),
-    (131072, "torch", (2, 30, 0), 65.9), (262144, "torch", (30, 2, 0), 60.5), (16384, "torch", (0, 14, 18), 73.1),
-    (65536, "torch", (0, 24, 8), 68.3), (131072, "torch", (0, 31, 1), 66.9),
-    (16384, "fused", (0, 13, 19), 70.9), (131072, "fused", (0, 29, 3), 71.7), (262144, "fused", (16, 16, 0), 75.3),
-    (262144, "fused", (18, 14, 0), 71.3), (262144, "fused", (30, 2, 0), 47.4), (409600, "fused", (29, 3, 0), 68.5),
+    (16384, (0, 13, 19), 70.9), (65536, (0, 24, 8), 59.8), (131072, (0, 31, 1), 60.7), (131072, (0, 29, 3), 71.7),
+    (131072, (0, 32, 0), 59.3), (131072, (16, 16, 0), 43.3), (131072, (32, 0, 0), 29.4), (262144, (14, 18, 0), 75.3),
 ]
 
 
-@pytest.mark.parametrize("seq_len, norm, layout, measured_gib", MEASURED_PEAKS)
-def test_prediction_within_10_percent_of_measured_peaks(seq_len, norm, layout, measured_gib):
+@pytest.mark.parametrize("seq_len, layout, measured_gib", MEASURED_PEAKS)
+def test_prediction_is_at_most_3_percent_above_measured_peaks(seq_len, layout, measured_gib):
+    """Never below a measured peak (a run the planner passes must fit), and not far above it (so the
+    longest sequence it promises is near what fits)."""
     from longctx.checkpointing import Layout
 
     recipe = load_recipe(str(ROOT / "recipes/llama3-8b-lora-1gpu.yaml"), [f"data.seq_len={seq_len}"])
     shape, f, s = from_recipe(recipe)
     h100 = Cluster(gpu_mem=int(79.18 * GiB), host_mem=125 * GiB)
-    est = estimate(shape, replace(f, norm=norm), s, h100, seq_len, Layout(*layout))
+    est = estimate(shape, f, s, h100, seq_len, Layout(*layout))
     assert est.fits
-    assert abs(est.gpu_peak / GiB - measured_gib) <= 0.1 * measured_gib
+    assert measured_gib <= est.gpu_peak / GiB <= 1.03 * measured_gib
 
 
 def test_refusal_when_offloaded_inputs_exceed_host_memory():
