@@ -5,7 +5,7 @@ STAMP := .venv/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 export OMP_NUM_THREADS ?= 1
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 
-.PHONY: demo test test-gpu clean
+.PHONY: demo test clean
 
 $(STAMP):
 	python3 -m venv .venv
