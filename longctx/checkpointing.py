@@ -345,7 +345,8 @@ class _CheckpointedLayer(torch.autograd.Function):
             # now, a whole layer output less at the peak.
             out.untyped_storage().resize_(0)
         # Parameter gradients accumulate here, as in reentrant checkpointing (DeepSpeed's hooks see them).
-        torch.autograd.backward(out, grad_out)
+        if out.requires_grad:  # not when neither the layer nor what is below it trains
+            torch.autograd.backward(out, grad_out)
         ctx.run = ctx.stash = None
         return None, None, None, hidden.grad, None
 

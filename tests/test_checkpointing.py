@@ -130,6 +130,16 @@ def test_offloaded_first_layer_input_is_not_kept_with_lora():
     handle.undo()
 
 
+def test_a_frozen_bottom_layer_over_frozen_embeddings_is_skipped_in_backward():
+    model = tiny_llama()
+    for name, p in model.named_parameters():
+        p.requires_grad_(".layers.0." not in name and "embed_tokens" not in name)
+    reference = loss_and_grads(model)
+    handle = apply_checkpointing(model, Layout(2, 2, 0))
+    assert_same(loss_and_grads(model), reference)
+    handle.undo()
+
+
 def test_offloaded_lora_adapters_get_the_gradients_of_no_checkpointing():
     from peft import LoraConfig, get_peft_model
 
