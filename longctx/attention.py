@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # What auto asks of SDPA for one document per row on CUDA: cuDNN measured fastest on H100, also
-# with GQA (BENCHMARKS.md); torch takes the next in line where cuDNN refuses a shape. The math
+# with GQA (bench/attention.py); torch takes the next in line where cuDNN refuses a shape. The math
 # backend is left out on purpose: it builds (seq x seq), so a shape no fused kernel takes raises.
 AUTO_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 

@@ -156,9 +156,10 @@ def test_parallel_auto_replaces_only_the_free_settings():
 
 
 # Peaks (max_memory_allocated, GiB) of one 8B LoRA step by the code as it is: tokens, layout (host, gpu,
-# plain). H200 runs of 2026-11-30 (BENCHMARKS.md, "Planner against measured peaks"), but the 16K, 128K
-# (0, 31, 1) and (0, 29, 3) rows: H100 runs of 2026-11-25, whose peak (the loss) this change left alone
-# (the H200 re-ran 16K and (0, 29, 3) at 70.94 and 71.75 GiB).
+# plain). The 128K (16, 16, 0) and (32, 0, 0) and the 256K rows are BENCHMARKS.md's (an H200, 2026-11-30);
+# 64K and 128K (0, 32, 0) ran on that H200 by bench/memory_peak.py before it was tidied (same measurement);
+# 16K and 128K (0, 31, 1) and (0, 29, 3) are H100 runs of bench/single_gpu.py of 2026-11-25, whose peak (the
+# loss) this code left alone (the H200 re-ran 16K and (0, 29, 3) at 70.94 and 71.75 GiB).
 MEASURED_PEAKS = [
     (16384, (0, 13, 19), 70.9), (65536, (0, 24, 8), 59.8), (131072, (0, 31, 1), 60.7), (131072, (0, 29, 3), 71.7),
     (131072, (0, 32, 0), 59.3), (131072, (16, 16, 0), 43.3), (131072, (32, 0, 0), 29.4), (262144, (14, 18, 0), 75.3),
@@ -181,7 +182,7 @@ def test_prediction_is_at_most_3_percent_above_measured_peaks(seq_len, layout, m
 
 def test_refusal_when_offloaded_inputs_exceed_host_memory():
     recipe = load_recipe(str(ROOT / "recipes/llama3-8b-lora-1gpu.yaml"), ["data.seq_len=409600"])
-    assert refusal(recipe, Cluster(gpu_mem=80 * GiB, host_mem=124 * GiB)) is None  # the 400K run of BENCHMARKS.md
+    assert refusal(recipe, Cluster(gpu_mem=80 * GiB, host_mem=124 * GiB)) is None  # as a 400K run on an H100 had it
     reason = refusal(recipe, Cluster(gpu_mem=80 * GiB, host_mem=64 * GiB))
     assert re.search(r"predicts [0-9.]+ GiB of host memory per node \([0-9.]+ GiB of offloaded layer inputs\), "
                      r"64.0 GiB available; longest that fits as written: \d+", reason)
