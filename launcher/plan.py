@@ -11,8 +11,8 @@ backward pass while every saved activation of the forward is still alive:
 Each of our features is a switch (attention kernel, checkpointing policy, chunked loss, tiled
 MLP, DeepSpeed vs plain torch), so the same model also describes plain Hugging Face training.
 Byte counts per token follow what autograd saves in transformers' Llama layers; the
-comments name the tensors, as `bench/memory_peak.py` finds them alive at a step's peak. `longctx plan` prints the table; `launcher/run.py` refuses a
-recipe whose peak exceeds the GPU.
+comments name the tensors, as `bench/memory_peak.py` finds them alive at a step's peak.
+`longctx plan` prints the table; `launcher/run.py` refuses a recipe whose peak exceeds the GPU.
 """
 
 from __future__ import annotations

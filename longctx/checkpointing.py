@@ -44,8 +44,8 @@ if TYPE_CHECKING:
 POLICIES = ("auto", "none", "full", "offload")
 GiB = 2**30
 # A training process's own host memory beside the pinned buffers (Python, torch, CUDA libraries,
-# data): 3.2 GiB measured in a 400K-token run of bench/single_gpu.py on an H100, rounded up. The planner counts
-# the same amount per rank, so both agree on the longest sequence the host holds.
+# data): 3.2 GiB measured in a 400K-token run of bench/single_gpu.py on an H100, rounded up. The
+# planner counts the same amount per rank, so both agree on the longest sequence the host holds.
 PROCESS_HOST_BYTES = 4 * GiB
 # Offloaded inputs on the GPU at once in backward: the one being recomputed and the one prefetched.
 IN_FLIGHT = 2

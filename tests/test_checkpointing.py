@@ -70,24 +70,24 @@ def test_plain_layers_are_not_recomputed():
     handle.undo()
 
 
-def with_layer_class(model, make):
-    """Every decoder layer becomes an instance of make(its class): a subclass whose forward wraps the layer's."""
+def with_layer_outputs_through(model, fn):
+    """Every decoder layer's forward returns fn(its output): the layers become a subclass of their class."""
     for layer in decoder_layers(model):
-        layer.__class__ = make(type(layer))
+        class Wrapped(type(layer)):
+            def forward(self, *args, **kwargs):
+                return fn(super().forward(*args, **kwargs))
+        layer.__class__ = Wrapped
     return model
 
 
 def test_recomputed_output_is_freed_before_its_backward():
     outputs = []
 
-    def make(base):
-        class Recorded(base):
-            def forward(self, *args, **kwargs):
-                outputs.append(super().forward(*args, **kwargs))
-                return outputs[-1]
-        return Recorded
+    def record(out):
+        outputs.append(out)
+        return out
 
-    model = with_layer_class(tiny_llama(), make)
+    model = with_layer_outputs_through(tiny_llama(), record)
     handle = apply_checkpointing(model, Layout(2, 2, 0))
     loss_and_grads(model)
     forward, recomputed = outputs[:4], outputs[4:]
@@ -98,13 +98,7 @@ def test_recomputed_output_is_freed_before_its_backward():
 
 def test_a_layer_output_that_backward_reads_is_kept():
     """sigmoid saves its result: a layer ending in one must keep its recomputed output."""
-    def make(base):
-        class EndsInSigmoid(base):
-            def forward(self, *args, **kwargs):
-                return torch.sigmoid(super().forward(*args, **kwargs))
-        return EndsInSigmoid
-
-    model = with_layer_class(tiny_llama(), make)
+    model = with_layer_outputs_through(tiny_llama(), torch.sigmoid)
     reference = loss_and_grads(model)
     handle = apply_checkpointing(model, Layout(2, 2, 0))
     assert_same(loss_and_grads(model), reference)
