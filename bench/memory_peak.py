@@ -68,10 +68,13 @@ def main() -> None:
     from longctx.config import load_recipe
     from longctx.launcher.plan import Cluster, estimate, from_recipe
 
+    layers = json.loads((single_gpu.CONFIG_DIR / "config.json").read_text())["num_hidden_layers"]
     try:
         layout = Layout(*(int(n) for n in args.layout.split("/")))
     except (TypeError, ValueError):
-        p.error(f"--layout {args.layout!r}: expected host/gpu/plain, three whole numbers")
+        layout = None
+    if layout is None or min(layout.host, layout.gpu, layout.plain) < 0 or layout.layers != layers:
+        p.error(f"--layout {args.layout!r}: expected host/gpu/plain, three whole numbers >= 0 adding up to {layers}")
     longctx.model.checkpoint_layout = lambda *a, **k: layout  # the layout asked for, not the planner's choice
     model, optimizer, config, _ = single_gpu.build("longctx", args.tokens, [])
     gen = torch.Generator(device="cuda").manual_seed(args.tokens)
