@@ -24,6 +24,27 @@ def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, make_grad: bool):
+    """(sum of token losses, d(sum)/d(logits) in the logits' dtype or None) of one chunk.
+    The softmax runs in fp32 (as transformers' loss) and in place: the chunk holds one fp32
+    (tokens x vocab) tensor, where torch.logsumexp would hold a second, and it is freed before the
+    caller's matmuls with the gradient."""
+    dtype = logits.dtype
+    logits = logits.float()
+    valid = labels != IGNORE_INDEX
+    target = labels.masked_fill(~valid, 0).unsqueeze(1)
+    target_logit = logits.gather(1, target).squeeze(1)
+    top = logits.amax(dim=1, keepdim=True)
+    sums = logits.sub_(top).exp_().sum(dim=1, keepdim=True)  # logits now hold exp(logit - top)
+    loss = torch.where(valid, (top + sums.log()).squeeze(1) - target_logit, 0.0).sum()
+    if not make_grad:
+        return loss, None
+    # softmax - onehot(target), zero on ignored tokens: one pass scales each row by valid / sum
+    valid = valid.unsqueeze(1).float()
+    logits.mul_(valid / sums).scatter_add_(1, target, -valid)
+    return loss, logits.to(dtype)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_tokens: int, make_grads: bool):
@@ -36,23 +57,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_tokens):
             hc, yc = h[start:start + chunk_tokens], y[start:start + chunk_tokens]
-            logits = (hc @ weight.t()).float()  # bf16 matmul, softmax in fp32 (as transformers' loss)
-            lse = torch.logsumexp(logits, dim=-1)
-            valid = yc != IGNORE_INDEX
-            target = yc.masked_fill(~valid, 0).unsqueeze(1)
-            total += torch.where(valid, lse - logits.gather(1, target).squeeze(1), 0.0).sum()
-            if need_h or need_w:
-                # d(sum of losses)/d(logits) = softmax - onehot(target), zero on ignored tokens;
-                # computed in place over the fp32 logits so the chunk holds one such tensor.
-                grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()
-                grad_logits.scatter_add_(1, target, torch.full_like(lse, -1.0).unsqueeze(1))
-                grad_logits.mul_(valid.unsqueeze(1))
-                grad_logits = grad_logits.to(weight.dtype)
-                if need_h:
-                    grad_h[start:start + chunk_tokens] = grad_logits @ weight
-                if need_w:
-                    grad_w += (grad_logits.t() @ hc).float()
-            del logits
+            loss, grad_logits = _cross_entropy(hc @ weight.t(), yc, need_h or need_w)
+            total += loss
+            if need_h:
+                grad_h[start:start + chunk_tokens] = grad_logits @ weight
+            if need_w:
+                grad_w += (grad_logits.t() @ hc).float()
+            del grad_logits  # before the next chunk's logits exist
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_h.view(hidden.shape) if need_h else None, grad_w)
         return total
