@@ -328,10 +328,11 @@ def loss_working_set(shape: ModelShape, f: Features, tokens: int) -> int:
         # logits in the compute dtype (returned by the model), their fp32 copy's log_softmax
         # (saved), and in backward the fp32 gradient of log_softmax's output and of its input
         return tokens * v * (f.act_bytes + 4 + 4 + 4)
-    # longctx.loss makes the gradients in forward, a chunk at a time: the chunk's fp32 logits and their
-    # gradient; a trained output projection also gets an fp32 gradient of its own, held until backward
+    # longctx.loss makes the gradients in forward, a chunk at a time, with the softmax in place: the
+    # chunk's fp32 logits beside the bf16 matmul output they are cast from, then beside the bf16 gradient
+    # cast from them; a trained output projection also gets an fp32 gradient of its own, held until backward
     head_grad = v * shape.hidden * 4 if f.lora_r is None else 0
-    return min(f.loss_chunk_tokens, tokens) * v * 12 + head_grad
+    return min(f.loss_chunk_tokens, tokens) * v * (4 + f.act_bytes) + head_grad
 
 
 def estimate(shape: ModelShape, f: Features, s: Settings, cluster: Cluster, seq_len: int,
@@ -349,7 +350,9 @@ def estimate(shape: ModelShape, f: Features, s: Settings, cluster: Cluster, seq_
     layer_saved = attention_saved + mlp_saved
     layer_input = tokens * b * h
     attention_ws, mlp_ws = backward_working_sets(shape, f, tokens, s.sp)
-    transient = max(attention_ws, mlp_ws)
+    # a not-checkpointed layer at the same two moments: its saved tensors are counted among the plain
+    # layers', and its MLP half's are freed before the attention half's backward
+    transient = max(mlp_ws, attention_ws - mlp_saved)
     # A recomputed layer at its backward's two moments: the MLP half with everything the layer saved,
     # then the attention half once the MLP half's tensors are freed. The first norm's input is the kept
     # layer input itself when fused (counted among the inputs); the recomputed output is freed at once.
