@@ -22,6 +22,11 @@ FLOPs (linear layers, lm_head and causal attention), recompute not counted, for 
 --set KEY=VALUE passes a recipe override to the longctx stack, e.g. to force a layout:
     python bench/single_gpu.py --runs longctx:256k --set train.checkpointing=offload --set train.gpu_checkpoint_layers=2
 
+--gpu-mem GIB caps every stack at that much GPU memory (torch.cuda.set_per_process_memory_fraction),
+so a larger GPU runs as a smaller one would: the planner plans for the cap, and a step that needs
+more runs out of memory. An H100 80GB has 79.18 GiB:
+    python bench/single_gpu.py --runs longctx:16k,hf:16k --gpu-mem 79.18
+
 """
 
 from __future__ import annotations
@@ -164,11 +169,14 @@ def train_step(stack: str, model, optimizer, ids) -> float:
     return loss.item()
 
 
-def child(stack: str, seq_len: int, steps: int, overrides: list[str]) -> dict:
+def child(stack: str, seq_len: int, steps: int, overrides: list[str], gpu_mem_gib: float | None) -> dict:
     import torch
 
     watch = HostMemoryWatch()
     row = {"stack": stack, "seq_len": seq_len, "device": torch.cuda.get_device_name()}
+    if gpu_mem_gib is not None:
+        torch.cuda.set_per_process_memory_fraction(gpu_mem_gib * GiB / torch.cuda.get_device_properties(0).total_memory)
+        row["gpu_mem_cap_gib"] = gpu_mem_gib
     try:
         t0 = time.perf_counter()
         model, optimizer, config, record = build(stack, seq_len, overrides)
@@ -218,12 +226,17 @@ def main() -> None:
     p.add_argument("--deadline", type=float, default=560, help="seconds: no run starts after this, a running one is stopped")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a recipe override for the longctx stack, e.g. train.gpu_checkpoint_layers=2 (repeatable)")
+    p.add_argument("--gpu-mem", type=float, default=None, metavar="GIB",
+                   help="GPU memory every stack may use (default: all of it), e.g. 79.18 to run as an H100 80GB")
     p.add_argument("--out", default=os.environ.get("OUT", ".") + "/single_gpu.json")
     p.add_argument("--child", nargs=3, metavar=("STACK", "TOKENS", "STEPS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args.child[0], int(args.child[1]), int(args.child[2]), args.set)), flush=True)
+        print("RESULT " + json.dumps(child(args.child[0], int(args.child[1]), int(args.child[2]), args.set,
+                                           args.gpu_mem)), flush=True)
         return
+    if args.gpu_mem is not None and not args.gpu_mem > 0:
+        p.error(f"--gpu-mem: must be a positive number of GiB, got {args.gpu_mem}")
 
     if args.set:  # a bad override is refused here, not after minutes of building the model in each child
         from longctx.config import ConfigError, load_recipe
@@ -244,7 +257,8 @@ def main() -> None:
                          "error": "after its out-of-memory" if stack in failed else "device-time deadline"})
             continue
         steps = args.steps or (2 if seq_len <= 32768 else 1)
-        cmd = [sys.executable, __file__, "--child", stack, str(seq_len), str(steps), *(f"--set={o}" for o in args.set)]
+        cmd = [sys.executable, __file__, "--child", stack, str(seq_len), str(steps), *(f"--set={o}" for o in args.set),
+               *(["--gpu-mem", str(args.gpu_mem)] if args.gpu_mem is not None else [])]
         env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=left, env=env)

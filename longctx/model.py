@@ -134,7 +134,11 @@ def checkpoint_layout(recipe: Recipe, n_layers: int, device: torch.device, world
     from longctx.launcher.plan import Cluster, estimate, from_recipe
 
     shape, features, settings = from_recipe(recipe)
-    cluster = Cluster(gpus_per_node=world, gpu_mem=torch.cuda.get_device_properties(device).total_memory)
+    # a process capped by torch.cuda.set_per_process_memory_fraction plans for its share of the GPU
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    gpu_mem = int(torch.cuda.get_device_properties(index).total_memory
+                  * torch.cuda.get_per_process_memory_fraction(index))
+    cluster = Cluster(gpus_per_node=world, gpu_mem=gpu_mem)
     return estimate(shape, features, settings, cluster, recipe.data.seq_len).layout
 
 
