@@ -240,8 +240,9 @@ def _dq_tile(Q, K, V, DO, LSE, DELTA, DQ, pid_m, h, hk, q0, k0, len_q, len_k, sc
 # all the time a backward at 0.85x cuDNN's speed would have. Also tried there and dropped: heads fastest in the
 # grid (faster at 8K, 6% slower at 32K-128K and on packed documents, likely from less reuse of k/v in L2), the
 # longest documents first (2% faster on the packed bench, 10% slower on many tiny documents), half of each tile's
-# exponentials as a polynomial on the FMA units (forward 7-10% slower). Triton 3.6's automatic warp
-# specialisation (`tl.range(..., warp_specialize=True)`) does nothing for these loops on Hopper: it fails to
+# exponentials as a polynomial on the FMA units (forward 7-10% slower). On an H200, issuing dP's matmul before
+# the exponentials was no faster in the dq half and 2-6% slower in the dk/dv half (8K, 32K). Triton 3.6's automatic
+# warp specialisation (`tl.range(..., warp_specialize=True)`) does nothing for these loops on Hopper: it fails to
 # compile at 4 warps and leaves the loop unspecialised at 8 (tried on a TMA forward). The dk/dv loop spills
 # registers at 64-row steps; 32-row steps, which do not spill, were 5% slower at 32K, and loading dq's k/v tiles
 # by TMA 3% slower: what bounds this kernel is the softmax arithmetic waiting on each wgmma (one program per SM),
