@@ -28,6 +28,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
+def _row_offsets(rows, stride):
+    """Element offsets of token rows as a column, in int64: tokens x (heads x dim) passes 2**31 past
+    524,288 tokens of 32 x 128."""
+    return rows.to(tl.int64)[:, None] * stride
+
+
+@triton.jit
 def _fwd_blocks(q, KD, VD, k0, hk, m_i, l_i, acc, scale_log2, lo, hi, len_k, shift, offs_m, offs_n,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                 PREC: tl.constexpr):
@@ -77,7 +84,7 @@ def _fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < len_q
-    q = tl.load(Q + (q0 + offs_m)[:, None] * s_qt + h * s_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(Q + _row_offsets(q0 + offs_m, s_qt) + h * s_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -95,7 +102,7 @@ def _fwd_kernel(
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     # +inf for rows that see no key: backward then recomputes probability 0 for them
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))
-    tl.store(O + (q0 + offs_m)[:, None] * s_ot + h * s_oh + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(O + _row_offsets(q0 + offs_m, s_ot) + h * s_oh + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + h * s_lh + q0 + offs_m, lse, mask=row_ok)
 
 
@@ -105,8 +112,8 @@ def _bwd_delta_kernel(O, DO, DELTA, s_ot, s_oh, s_dt, s_dh, s_lh, total, D: tl.c
     h = tl.program_id(1)
     ok = rows < total
     offs_d = tl.arange(0, D)
-    o = tl.load(O + rows[:, None] * s_ot + h * s_oh + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + rows[:, None] * s_dt + h * s_dh + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    o = tl.load(O + _row_offsets(rows, s_ot) + h * s_oh + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + _row_offsets(rows, s_dt) + h * s_dh + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
     tl.store(DELTA + h * s_lh + rows, tl.sum(o * do, 1), mask=ok)
 
 
@@ -149,8 +156,8 @@ def _dkdv_tile(QD, K, V, DOD, LSE, DELTA, DK, DV, pid_n, hk, q0, k0, len_q, len_
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     col_ok = offs_n < len_k
-    k = tl.load(K + (k0 + offs_n)[:, None] * s_kt + hk * s_kh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + (k0 + offs_n)[:, None] * s_vt + hk * s_vh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    k = tl.load(K + _row_offsets(k0 + offs_n, s_kt) + hk * s_kh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + _row_offsets(k0 + offs_n, s_vt) + hk * s_vh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     shift = len_k - len_q
@@ -171,9 +178,9 @@ def _dkdv_tile(QD, K, V, DOD, LSE, DELTA, DK, DV, pid_n, hk, q0, k0, len_q, len_
                             offs_m, offs_n, False, CAUSAL, D, BLOCK_M, PREC)
         dk, dv = _dkdv_rows(QD, DOD, LSE, DELTA, k, v, dk, dv, q0, h, s_lh, scale_log2, full, len_q, len_q, shift,
                             offs_m, offs_n, True, CAUSAL, D, BLOCK_M, PREC)
-    tl.store(DK + (k0 + offs_n)[:, None] * s_dkt + hk * s_dkh + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+    tl.store(DK + _row_offsets(k0 + offs_n, s_dkt) + hk * s_dkh + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=col_ok[:, None])
-    tl.store(DV + (k0 + offs_n)[:, None] * s_dvt + hk * s_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty),
+    tl.store(DV + _row_offsets(k0 + offs_n, s_dvt) + hk * s_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty),
              mask=col_ok[:, None])
 
 
@@ -186,11 +193,11 @@ def _dq_blocks(K, V, q, do, lse, delta, dq, k0, hk, s_kt, s_kh, s_vt, s_vh, scal
         cols = start + offs_n
         if MASKED:
             col_ok = cols < len_k
-            k = tl.load(K + (k0 + cols)[:, None] * s_kt + hk * s_kh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(V + (k0 + cols)[:, None] * s_vt + hk * s_vh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            k = tl.load(K + _row_offsets(k0 + cols, s_kt) + hk * s_kh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(V + _row_offsets(k0 + cols, s_vt) + hk * s_vh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         else:
-            k = tl.load(K + (k0 + cols)[:, None] * s_kt + hk * s_kh + offs_d[None, :])
-            v = tl.load(V + (k0 + cols)[:, None] * s_vt + hk * s_vh + offs_d[None, :])
+            k = tl.load(K + _row_offsets(k0 + cols, s_kt) + hk * s_kh + offs_d[None, :])
+            v = tl.load(V + _row_offsets(k0 + cols, s_vt) + hk * s_vh + offs_d[None, :])
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
         p = tl.exp2(s - lse[:, None])
         if MASKED:
@@ -213,8 +220,8 @@ def _dq_tile(Q, K, V, DO, LSE, DELTA, DQ, pid_m, h, hk, q0, k0, len_q, len_k, sc
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < len_q
-    q = tl.load(Q + (q0 + offs_m)[:, None] * s_qt + h * s_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + (q0 + offs_m)[:, None] * s_dt + h * s_dh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(Q + _row_offsets(q0 + offs_m, s_qt) + h * s_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + _row_offsets(q0 + offs_m, s_dt) + h * s_dh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + h * s_lh + q0 + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + h * s_lh + q0 + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
@@ -228,7 +235,7 @@ def _dq_tile(Q, K, V, DO, LSE, DELTA, DQ, pid_m, h, hk, q0, k0, len_q, len_k, sc
                     offs_m, offs_n, offs_d, False, CAUSAL, BLOCK_N, PREC)
     dq = _dq_blocks(K, V, q, do, lse, delta, dq, k0, hk, s_kt, s_kh, s_vt, s_vh, scale_log2, full, hi, len_k, shift,
                     offs_m, offs_n, offs_d, True, CAUSAL, BLOCK_N, PREC)
-    tl.store(DQ + (q0 + offs_m)[:, None] * s_dqt + h * s_dqh + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+    tl.store(DQ + _row_offsets(q0 + offs_m, s_dqt) + h * s_dqh + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
 
 

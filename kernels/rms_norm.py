@@ -24,7 +24,7 @@ from .patch import ModelPatch
 
 @triton.jit
 def _rms_norm_fwd(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # rows x hidden passes 2**31 past 524,288 tokens of 4096
     cols = tl.arange(0, BLOCK)
     ok = cols < n_cols
     x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
@@ -43,7 +43,7 @@ def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, n
     ok = cols < n_cols
     w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK], dtype=tl.float32)
-    first = pid * rows_per_program
+    first = pid.to(tl.int64) * rows_per_program  # the loop's rows are int64, as in the forward
     for row in range(first, tl.minimum(first + rows_per_program, n_rows)):
         x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
         dy = tl.load(DY + row * stride_dy + cols, mask=ok, other=0.0).to(tl.float32)

@@ -50,7 +50,7 @@ def _rope_kernel(Q, K, QO, KO, POS, INV_FREQ, attention_factor, sign,
                  q_heads, k_heads, head_dim, half,
                  BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr,
                  LIBDEVICE_TRIG: tl.constexpr):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)  # tokens x (heads x dim) passes 2**31 past 524,288 tokens of 32 x 128
     pos = tl.load(POS + token).to(tl.float32)
     dims = tl.arange(0, BLOCK_HALF)[None, :]
     freq = tl.load(INV_FREQ + dims, mask=dims < half, other=0.0)

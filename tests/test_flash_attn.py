@@ -89,3 +89,25 @@ def test_gpu_many_short_documents():
     # 2,100 documents x 32 heads: more programs per tile than a grid's second axis may hold (65,535)
     lengths = [1, 2, 7, 16, 31, 64, 70] * 300
     check(lengths, lengths, 32, 8, 64, True, torch.bfloat16, "cuda", 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_offsets_past_2_31_elements():
+    # 264 documents of 2,048 tokens x 32 heads x 128: the last ones start past 2**31 elements of q, k and v
+    lengths = [2048] * 264
+    total = sum(lengths)
+    assert total * 32 * 128 > 2**31
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(total, 32, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    out = flash_attn_varlen_func(q, k, v, cu, cu, 2048, 2048)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    last = slice(total - 2048, total)
+    ref_in = [x.detach()[last].double().requires_grad_() for x in (q, k, v)]
+    one = torch.tensor([0, 2048], device="cuda", dtype=torch.int32)
+    ref = reference_attention(*ref_in, one, one)
+    ref.backward(grad[last].double())
+    for name, ours, theirs in [("out", out[last], ref), ("dq", q.grad[last], ref_in[0].grad),
+                               ("dk", k.grad[last], ref_in[1].grad), ("dv", v.grad[last], ref_in[2].grad)]:
+        assert rel_err(ours, theirs) < 1e-2, (name, rel_err(ours, theirs))

@@ -123,3 +123,21 @@ def test_other_families_are_refused():
     with pytest.raises(ValueError, match="GemmaRMSNorm from transformers.models.gemma.modeling_gemma"):
         use_fused_rms_norm(model)
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_offsets_past_2_31_elements():
+    # 540,672 tokens x 4096: the last rows start past 2**31 elements
+    x = torch.randn(540672, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (1 + 0.1 * torch.randn(4096, device="cuda")).to(torch.bfloat16).requires_grad_()
+    y = rms_norm(x, weight, 1e-5)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x32, w32 = x.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    ref = rms_norm_reference(x32, w32, 1e-5)
+    ref.backward(dy.float())
+    last = slice(-4096, None)
+    for name, ours, theirs in [("y", y[last], ref[last]), ("dx", x.grad[last], x32.grad[last]),
+                               ("dw", weight.grad, w32.grad)]:
+        assert rel_err(ours, theirs) < TOLERANCE[torch.bfloat16], (name, rel_err(ours, theirs))

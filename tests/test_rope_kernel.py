@@ -150,3 +150,23 @@ def test_gpu_long_positions_values_and_gradients(dtype):
     torch.autograd.backward((rq, rk), (gq.float(), gk.float()))
     for ours, ref in ((qo, rq), (ko, rk), (q.grad, q32.grad), (k.grad, k32.grad)):
         assert rel_err(ours, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_offsets_past_2_31_elements():
+    # 540,672 tokens x 32 heads x 128: the last tokens of q start past 2**31 elements
+    q = torch.randn(1, 540672, 32, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, 540672, 8, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    positions = torch.arange(540672, device="cuda")[None]
+    inv_freq = 1.0 / (500000 ** (torch.arange(0, 128, 2, device="cuda").float() / 128))
+    qo, ko = apply_rope(q, k, positions, inv_freq)
+    gq, gk = torch.randn_like(qo), torch.randn_like(ko)
+    torch.autograd.backward((qo, ko), (gq, gk))
+    last = slice(-4096, None)
+    q32, k32 = (x.detach()[:, last].float().requires_grad_() for x in (q, k))
+    rq, rk = rope_reference(q32, k32, positions[:, last], inv_freq)
+    torch.autograd.backward((rq, rk), (gq[:, last].float(), gk[:, last].float()))
+    for name, ours, ref in [("q", qo[:, last], rq), ("k", ko[:, last], rk), ("dq", q.grad[:, last], q32.grad),
+                            ("dk", k.grad[:, last], k32.grad)]:
+        assert rel_err(ours, ref) < TOLERANCE[torch.bfloat16], (name, rel_err(ours, ref))
