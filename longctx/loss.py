@@ -18,7 +18,6 @@ import torch
 from longctx.data import IGNORE_INDEX
 
 
-
 def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers causal LM inside a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

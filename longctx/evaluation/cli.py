@@ -5,6 +5,7 @@ Every argument is checked before a model loads, so bad input costs nothing and w
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from longctx.cli import ArgParser
@@ -15,7 +16,6 @@ from longctx.evaluation.middle import MAX_PASSAGES
 from longctx.evaluation.needle import MAX_NEEDLES
 from longctx.evaluation.reports import (check_needle_lengths, long_documents, middle_report, needle_report, ppl_report,
                                         summary_line)
-import argparse
 
 # what from_pretrained loads weights from (sharded checkpoints through their index)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
