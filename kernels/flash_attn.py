@@ -102,7 +102,8 @@ def _fwd_kernel(
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     # +inf for rows that see no key: backward then recomputes probability 0 for them
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))
-    tl.store(O + _row_offsets(q0 + offs_m, s_ot) + h * s_oh + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(O + _row_offsets(q0 + offs_m, s_ot) + h * s_oh + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
     tl.store(LSE + h * s_lh + q0 + offs_m, lse, mask=row_ok)
 
 
@@ -193,8 +194,10 @@ def _dq_blocks(K, V, q, do, lse, delta, dq, k0, hk, s_kt, s_kh, s_vt, s_vh, scal
         cols = start + offs_n
         if MASKED:
             col_ok = cols < len_k
-            k = tl.load(K + _row_offsets(k0 + cols, s_kt) + hk * s_kh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(V + _row_offsets(k0 + cols, s_vt) + hk * s_vh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            k = tl.load(K + _row_offsets(k0 + cols, s_kt) + hk * s_kh + offs_d[None, :], mask=col_ok[:, None],
+                        other=0.0)
+            v = tl.load(V + _row_offsets(k0 + cols, s_vt) + hk * s_vh + offs_d[None, :], mask=col_ok[:, None],
+                        other=0.0)
         else:
             k = tl.load(K + _row_offsets(k0 + cols, s_kt) + hk * s_kh + offs_d[None, :])
             v = tl.load(V + _row_offsets(k0 + cols, s_vt) + hk * s_vh + offs_d[None, :])

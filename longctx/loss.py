@@ -23,7 +23,8 @@ def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, make_grad: bool):
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                   make_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(sum of token losses, d(sum)/d(logits) in the logits' dtype or None) of one chunk.
     The softmax runs in fp32 (as transformers' loss) and in place: the chunk holds one fp32
     (tokens x vocab) tensor, where torch.logsumexp would hold a second, and it is freed before the
