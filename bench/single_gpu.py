@@ -57,6 +57,24 @@ def parse_tokens(text: str) -> int:
     return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
 
 
+def parse_runs(text: str) -> list[tuple[str, int]]:
+    """STACK:LENGTH,... -> [(stack, tokens)]; refused whole, before anything runs."""
+    runs = []
+    for item in text.split(","):
+        stack, _, length = item.partition(":")
+        if stack not in STACKS:
+            raise argparse.ArgumentTypeError(f"unknown stack {stack!r} in {item!r} (one of {', '.join(STACKS)})")
+        try:
+            tokens = parse_tokens(length)
+        except ValueError:
+            tokens = 0
+        if tokens < 1:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected STACK:LENGTH, a length of 1 token or more, "
+                                             "such as longctx:16k")
+        runs.append((stack, tokens))
+    return runs
+
+
 class HostMemoryWatch:
     """Lowest MemAvailable seen (sampled), so pinned and pageable host memory both count."""
 
@@ -220,7 +238,8 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", default="longctx:16k,hf:16k,ds:16k,hf:32k,longctx:64k,longctx:128k,longctx:256k",
+    p.add_argument("--runs", type=parse_runs,
+                   default="longctx:16k,hf:16k,ds:16k,hf:32k,longctx:64k,longctx:128k,longctx:256k",
                    help="stack:length pairs, run in this order; a stack stops at its first out-of-memory")
     p.add_argument("--steps", type=int, default=0, help="timed steps per run (last reported); 0: 2 up to 32K, else 1")
     p.add_argument("--deadline", type=float, default=560, help="seconds: no run starts after this, a running one is stopped")
@@ -237,7 +256,6 @@ def main() -> None:
         return
     if args.gpu_mem is not None and not args.gpu_mem > 0:
         p.error(f"--gpu-mem: must be a positive number of GiB, got {args.gpu_mem}")
-
     if args.set:  # a bad override is refused here, not after minutes of building the model in each child
         from longctx.config import ConfigError, load_recipe
 
@@ -246,11 +264,7 @@ def main() -> None:
         except ConfigError as e:
             p.error(f"--set: {e}")
     start, rows, failed = time.perf_counter(), [], set()
-    for item in args.runs.split(","):
-        stack, length = item.split(":")
-        if stack not in STACKS:
-            sys.exit(f"--runs: unknown stack {stack!r} (one of {', '.join(STACKS)})")
-        seq_len = parse_tokens(length)
+    for stack, seq_len in args.runs:
         left = args.deadline - (time.perf_counter() - start)
         if stack in failed or left < 30:
             rows.append({"stack": stack, "seq_len": seq_len, "status": "skipped",
