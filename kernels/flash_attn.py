@@ -2,7 +2,8 @@
 
 One kernel family serves both entry points: `flash_attn_varlen_func` takes packed tokens
 (total, heads, dim) with cumulative sequence lengths; `flash_attn_func` (batch, seq, heads,
-dim) is the varlen case with equal lengths. Grouped-query attention reads each k/v head for
+dim) is the varlen case with equal lengths. On Hopper the backward of bf16/fp16 inputs runs in
+`flash_attn_hopper` (warp-specialised, same results). Grouped-query attention reads each k/v head for
 its group of query heads; k and v are never repeated in memory. Causal masking aligns the
 last query with the last key (as the flash-attn package does when lengths differ).
 
@@ -22,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
+
+from . import flash_attn_hopper
 
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -256,7 +259,9 @@ def _dq_tile(Q, K, V, DO, LSE, DELTA, DQ, pid_m, h, hk, q0, k0, len_q, len_k, sc
 # compile at 4 warps and leaves the loop unspecialised at 8 (tried on a TMA forward). The dk/dv loop spills
 # registers at 64-row steps; 32-row steps, which do not spill, were 5% slower at 32K, and loading dq's k/v tiles
 # by TMA 3% slower: what bounds this kernel is the softmax arithmetic waiting on each wgmma (one program per SM),
-# which needs warp specialisation.
+# with every warp meeting at the barriers around each tile load. On Hopper, bf16/fp16 with head dim 64 or 128 take
+# `flash_attn_hopper` instead: the same two halves, warp-specialised in Gluon (bitwise the same gradients at the
+# first tile sizes below); this kernel serves everything else.
 @triton.jit
 def _bwd_kernel(
     Q, K, V, DO, QD, DOD, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, max_q, max_k, scale_log2, scale,
@@ -397,6 +402,10 @@ class _FlashAttnVarlen(torch.autograd.Function):
             o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), delta.stride(0), total, D=dim, BLOCK=64,
         )
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        if flash_attn_hopper.supports(q):
+            flash_attn_hopper.backward(q, k, v, do, lse, delta, dq, dk, dv, cu_q, cu_k, max_q, max_k, causal, scale,
+                                       scale * LOG2E)
+            return dq, dk, dv, None, None, None, None, None, None
         _launch(
             "bwd", lambda t: ((triton.cdiv(max_k, t["BLOCK_N1"]) + group * triton.cdiv(max_q, t["BLOCK_M2"]))
                               * batch * kv_heads,), max(max_q, max_k),

@@ -6,6 +6,7 @@ On CPU the kernels run in Triton's interpreter at tiny shapes (fp32); on GPU at 
 import pytest
 import torch
 
+from longctx.kernels import flash_attn_hopper
 from longctx.kernels.flash_attn import flash_attn_func, flash_attn_varlen_func, reference_attention
 
 CUDA = torch.cuda.is_available()
@@ -111,3 +112,25 @@ def test_gpu_offsets_past_2_31_elements():
     for name, ours, theirs in [("out", out[last], ref), ("dq", q.grad[last], ref_in[0].grad),
                                ("dk", k.grad[last], ref_in[1].grad), ("dv", v.grad[last], ref_in[2].grad)]:
         assert rel_err(ours, theirs) < 1e-2, (name, rel_err(ours, theirs))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("dim, causal, kv_heads", [(128, True, 8), (128, False, 4), (64, True, 32)])
+def test_gpu_hopper_backward_equals_the_triton_kernel(dim, causal, kv_heads, monkeypatch):
+    lengths = [1, 777, 4096, 2049, 130]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(dim + kv_heads)
+    make = lambda h: torch.randn(sum(lengths), h, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q, k, v, grad = make(32), make(kv_heads), make(kv_heads), make(32)
+    assert flash_attn_hopper.supports(q) and not flash_attn_hopper.supports(q.float())
+
+    def grads():
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        flash_attn_varlen_func(*leaves, cu, cu, max(lengths), max(lengths), causal=causal).backward(grad)
+        return [x.grad for x in leaves]
+
+    hopper = grads()
+    monkeypatch.setattr(flash_attn_hopper, "supports", lambda q: False)
+    for name, ours, triton_kernel in zip(("dq", "dk", "dv"), hopper, grads()):
+        assert rel_err(ours, triton_kernel) < 1e-3, (name, rel_err(ours, triton_kernel))

@@ -1,0 +1,363 @@
+"""The flash-attention backward on Hopper, warp-specialised in Gluon: the same mathematics as
+`flash_attn._bwd_kernel`, scheduled by hand.
+
+Two kernels, one per half of the backward: dk/dv (one program per key block) and dq (one
+program per query tile). In each program one warp loads tiles by TMA into a ring of shared
+memory stages, and two warpgroups compute, each on its own half of the block, releasing a stage
+once its matrix products are done. Nothing makes the two warpgroups wait for each other, so the
+exponentials of one run beside the other's matrix products. In the plain Triton kernel every
+warp meets at barriers around each tile load, so the tensor cores idle while all of them
+exponentiate. Within a warpgroup, dP's product runs on while the probabilities are formed (dq)
+and dV's while dS is formed (dk/dv). Keeping a tile's last product in flight into the next tile
+needed more registers than the warpgroups have: ptxas then serialises every product.
+
+Used for bf16/fp16 inputs of head dim 64 or 128 on compute capability 9.x; everything else
+(other GPUs, fp32, Triton's interpreter) takes `flash_attn._bwd_kernel`."""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+HEAD_DIMS = (64, 128)
+# (rows per step, rows per program, stages): dk/dv steps over query rows, dq over keys
+DKDV_TILES = (64, 128, 3)
+DQ_TILES = (64, 128, 3)
+# registers per thread: a program holds three warpgroups, two computing and one whose first warp loads
+PRODUCER_REGS = gl.constexpr(24)
+CONSUMER_REGS = gl.constexpr(240)
+
+
+@triton.constexpr_function
+def _mma_layout(cols):
+    """Layout of one warpgroup's product with `cols` columns (rows: 16 per warp, 4 warps)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, cols, 16])
+
+
+@triton.constexpr_function
+def _operand_layout(d):
+    """Layout of a left operand taken from registers, for a product with `d` columns."""
+    return gl.DotOperandLayout(operand_index=0, parent=_mma_layout(d), k_width=2)
+
+
+@gluon.jit
+def _load_ring(desc_a, desc_b, smem_a, smem_b, ready, free, row0, col, lo, hi, it,
+               STEP: gl.constexpr, STAGES: gl.constexpr):
+    """The loading warp: tiles of two tensors at rows [lo, hi) of the sequence into the ring."""
+    for start in range(lo, hi, STEP):
+        s = it % STAGES
+        mbarrier.wait(free.index(s), ((it // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
+        mbarrier.expect(ready.index(s), desc_a.block_type.nbytes + desc_b.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc_a, [row0 + start, col], ready.index(s), smem_a.index(s))
+        tma.async_copy_global_to_shared(desc_b, [row0 + start, col], ready.index(s), smem_b.index(s))
+        it += 1
+    return it
+
+
+@gluon.jit
+def _dkdv_loader(q_desc, do_desc, q_smem, do_smem, ready, free, q0, hk, lo, len_q,
+                 GROUP: gl.constexpr, D: gl.constexpr, STEP: gl.constexpr, STAGES: gl.constexpr):
+    it = 0
+    for g in range(GROUP):
+        it = _load_ring(q_desc, do_desc, q_smem, do_smem, ready, free, q0, (hk * GROUP + g) * D, lo, len_q, it,
+                        STEP, STAGES)
+
+
+@gluon.jit
+def _dkdv_steps(k_half, v_half, q_smem, do_smem, ready, free, LSE, DELTA, dk, dv, zero, keys, it, h, q0, s_lh,
+                scale_log2, lo, hi, len_q, shift, MASKED: gl.constexpr, CAUSAL: gl.constexpr, STEP: gl.constexpr,
+                STAGES: gl.constexpr, s_layout: gl.constexpr, op_layout: gl.constexpr):
+    """One warpgroup's dk, dv over query rows [lo, hi); MASKED rows may cross the diagonal or the end
+    (rows past the end get lse = +inf, so p = 0 there)."""
+    dtype: gl.constexpr = q_smem.dtype
+    for start in range(lo, hi, STEP):
+        s = it % STAGES
+        rows = start + gl.arange(0, STEP, gl.SliceLayout(0, s_layout))
+        if MASKED:
+            lse = gl.load(LSE + h * s_lh + q0 + rows, mask=rows < len_q, other=float("inf"))
+            delta = gl.load(DELTA + h * s_lh + q0 + rows, mask=rows < len_q, other=0.0)
+        else:
+            lse = gl.load(LSE + h * s_lh + q0 + rows)
+            delta = gl.load(DELTA + h * s_lh + q0 + rows)
+        mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+        q = q_smem.index(s)
+        do = do_smem.index(s)
+        s_t = warpgroup_mma(k_half, q.permute((1, 0)), zero, use_acc=False, is_async=True)
+        s_t = warpgroup_mma_wait(0, deps=(s_t,))
+        p_t = gl.exp2(s_t * scale_log2 - lse[None, :])
+        if MASKED and CAUSAL:
+            p_t = gl.where(rows[None, :] + shift >= keys[:, None], p_t, 0.0)
+        dp_t = warpgroup_mma(v_half, do.permute((1, 0)), zero, use_acc=False, is_async=True)
+        dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_layout), do, dv, is_async=True)
+        dp_t = warpgroup_mma_wait(1, deps=(dp_t,))  # dv's product runs on while dS is formed
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), op_layout), q, dk, is_async=True)
+        dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))
+        mbarrier.arrive(free.index(s), count=1)  # one thread per warpgroup, after the warpgroup's products
+        it += 1
+    return dk, dv, it
+
+
+@gluon.jit
+def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, kv_ready, ready, free, LSE, DELTA, DK, DV,
+                  q0, k0, hk, pid_n, len_q, len_k, lo, diag, full, scale_log2, scale, s_lh, s_dkt, s_dkh, s_dvt, s_dvh,
+                  WG: gl.constexpr, GROUP: gl.constexpr, CAUSAL: gl.constexpr, D: gl.constexpr,
+                  STEP: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr):
+    """Warpgroup WG's half of the key block: dk and dv summed over the group's query heads."""
+    HALF: gl.constexpr = BLOCK // 2
+    s_layout: gl.constexpr = _mma_layout(STEP)
+    o_layout: gl.constexpr = _mma_layout(D)
+    op_layout: gl.constexpr = _operand_layout(D)
+    k_half = k_smem.slice(WG * HALF, HALF)
+    v_half = v_smem.slice(WG * HALF, HALF)
+    dk = gl.zeros([HALF, D], gl.float32, o_layout)
+    dv = gl.zeros([HALF, D], gl.float32, o_layout)
+    zero = gl.zeros([HALF, STEP], gl.float32, s_layout)  # the scores' accumulator, unused (use_acc=False)
+    keys = pid_n * BLOCK + WG * HALF + gl.arange(0, HALF, gl.SliceLayout(1, s_layout))
+    shift = len_k - len_q
+    mbarrier.wait(kv_ready, 0)
+    it = 0
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        dk, dv, it = _dkdv_steps(k_half, v_half, q_smem, do_smem, ready, free, LSE, DELTA, dk, dv, zero, keys, it,
+                                 h, q0, s_lh, scale_log2, lo, diag, len_q, shift, True, CAUSAL, STEP, STAGES,
+                                 s_layout, op_layout)
+        dk, dv, it = _dkdv_steps(k_half, v_half, q_smem, do_smem, ready, free, LSE, DELTA, dk, dv, zero, keys, it,
+                                 h, q0, s_lh, scale_log2, diag, full, len_q, shift, False, CAUSAL, STEP, STAGES,
+                                 s_layout, op_layout)
+        dk, dv, it = _dkdv_steps(k_half, v_half, q_smem, do_smem, ready, free, LSE, DELTA, dk, dv, zero, keys, it,
+                                 h, q0, s_lh, scale_log2, full, len_q, len_q, shift, True, CAUSAL, STEP, STAGES,
+                                 s_layout, op_layout)
+    rows = pid_n * BLOCK + WG * HALF + gl.arange(0, HALF, gl.SliceLayout(1, o_layout))
+    cols = gl.arange(0, D, gl.SliceLayout(0, o_layout))[None, :]
+    keep = (rows < len_k)[:, None]
+    tokens = (k0 + rows).to(gl.int64)[:, None]
+    gl.store(DK + tokens * s_dkt + hk * s_dkh + cols, (dk * scale).to(DK.dtype.element_ty), mask=keep)
+    gl.store(DV + tokens * s_dvt + hk * s_dvh + cols, dv.to(DV.dtype.element_ty), mask=keep)
+
+
+@gluon.jit
+def _dkdv_compute_1(k_smem, v_smem, q_smem, do_smem, kv_ready, ready, free, LSE, DELTA, DK, DV,
+                    q0, k0, hk, pid_n, len_q, len_k, lo, diag, full, scale_log2, scale, s_lh, s_dkt, s_dkh, s_dvt,
+                    s_dvh, GROUP: gl.constexpr, CAUSAL: gl.constexpr, D: gl.constexpr, STEP: gl.constexpr,
+                    BLOCK: gl.constexpr, STAGES: gl.constexpr):
+    _dkdv_compute(k_smem, v_smem, q_smem, do_smem, kv_ready, ready, free, LSE, DELTA, DK, DV, q0, k0, hk, pid_n,
+                  len_q, len_k, lo, diag, full, scale_log2, scale, s_lh, s_dkt, s_dkh, s_dvt, s_dvh,
+                  1, GROUP, CAUSAL, D, STEP, BLOCK, STAGES)
+
+
+@gluon.jit
+def _dkdv_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK, DV, CU_Q, CU_K, max_k, scale_log2, scale,
+                 s_lh, s_dkt, s_dkh, s_dvt, s_dvh,
+                 HK: gl.constexpr, GROUP: gl.constexpr, CAUSAL: gl.constexpr, D: gl.constexpr,
+                 STEP: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr):
+    # grid as the Triton kernel's dk/dv half: key blocks fastest, the first (seen by most queries) first
+    key_blocks = gl.cdiv(max_k, BLOCK)
+    pid_n = gl.program_id(0) % key_blocks
+    bh = gl.program_id(0) // key_blocks
+    b = bh // HK
+    hk = bh % HK
+    q0 = gl.load(CU_Q + b)
+    k0 = gl.load(CU_K + b)
+    len_q = gl.load(CU_Q + b + 1) - q0
+    len_k = gl.load(CU_K + b + 1) - k0
+    if pid_n * BLOCK < len_k:
+        # query rows [lo, diag) may cross the diagonal, [diag, full) see the whole block, [full, len_q) run past the end
+        shift = len_k - len_q
+        lo = 0
+        diag = 0
+        if CAUSAL:
+            lo = gl.maximum(0, (pid_n * BLOCK - shift) // STEP * STEP)
+            diag = gl.minimum(len_q, lo + gl.maximum(0, pid_n * BLOCK + BLOCK - 1 - shift - lo + STEP - 1)
+                              // STEP * STEP)
+        full = gl.maximum(diag, len_q // STEP * STEP)
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK, D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [BLOCK, D], v_desc.layout)
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, STEP, D], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, STEP, D], do_desc.layout)
+        kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_ready, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(free.index(i), count=2)  # one arrival per computing warpgroup
+        mbarrier.expect(kv_ready, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [k0 + pid_n * BLOCK, hk * D], kv_ready, k_smem)
+        tma.async_copy_global_to_shared(v_desc, [k0 + pid_n * BLOCK, hk * D], kv_ready, v_smem)
+        # Gluon passes a partition's arguments as written here: tuples built elsewhere lose their constexprs
+        gl.warp_specialize([
+            (_dkdv_compute, (k_smem, v_smem, q_smem, do_smem, kv_ready, ready, free, LSE, DELTA, DK, DV, q0, k0, hk,
+                             pid_n, len_q, len_k, lo, diag, full, scale_log2, scale, s_lh, s_dkt, s_dkh, s_dvt, s_dvh,
+                             0, GROUP, CAUSAL, D, STEP, BLOCK, STAGES)),
+            (_dkdv_compute_1, (k_smem, v_smem, q_smem, do_smem, kv_ready, ready, free, LSE, DELTA, DK, DV, q0, k0, hk,
+                               pid_n, len_q, len_k, lo, diag, full, scale_log2, scale, s_lh, s_dkt, s_dkh, s_dvt,
+                               s_dvh, GROUP, CAUSAL, D, STEP, BLOCK, STAGES)),
+            (_dkdv_loader, (q_desc, do_desc, q_smem, do_smem, ready, free, q0, hk, lo, len_q, GROUP, D, STEP, STAGES)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+@gluon.jit
+def _dq_steps(q_half, do_half, k_smem, v_smem, ready, free, dq, zero, lse, delta, rows, it, scale_log2, lo, hi, len_k,
+              shift, MASKED: gl.constexpr, CAUSAL: gl.constexpr, STEP: gl.constexpr, STAGES: gl.constexpr,
+              s_layout: gl.constexpr, op_layout: gl.constexpr):
+    """One warpgroup's dq over key blocks [lo, hi); MASKED blocks may cross the diagonal or the end."""
+    dtype: gl.constexpr = k_smem.dtype
+    for start in range(lo, hi, STEP):
+        s = it % STAGES
+        mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+        k = k_smem.index(s)
+        v = v_smem.index(s)
+        qk = warpgroup_mma(q_half, k.permute((1, 0)), zero, use_acc=False, is_async=True)
+        dp = warpgroup_mma(do_half, v.permute((1, 0)), zero, use_acc=False, is_async=True)
+        qk = warpgroup_mma_wait(1, deps=(qk,))  # dP's product runs on while P is formed
+        p = gl.exp2(qk * scale_log2 - lse[:, None])
+        if MASKED:
+            cols = start + gl.arange(0, STEP, gl.SliceLayout(0, s_layout))
+            keep = (cols < len_k)[None, :]
+            if CAUSAL:
+                keep = keep & (rows[:, None] + shift >= cols[None, :])
+            p = gl.where(keep, p, 0.0)
+        dp = warpgroup_mma_wait(0, deps=(dp,))
+        ds = p * (dp - delta[:, None])
+        dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), k, dq, is_async=True)
+        dq = warpgroup_mma_wait(0, deps=(dq,))
+        mbarrier.arrive(free.index(s), count=1)
+        it += 1
+    return dq, it
+
+
+@gluon.jit
+def _dq_compute(q_smem, do_smem, k_smem, v_smem, qdo_ready, ready, free, LSE, DELTA, DQ, q0, h, pid_m, len_q, len_k,
+                full, hi, scale_log2, scale, s_lh, s_dqt, s_dqh,
+                WG: gl.constexpr, CAUSAL: gl.constexpr, D: gl.constexpr, STEP: gl.constexpr, BLOCK: gl.constexpr,
+                STAGES: gl.constexpr):
+    """Warpgroup WG's half of the query tile: its dq, recomputing the probabilities."""
+    HALF: gl.constexpr = BLOCK // 2
+    s_layout: gl.constexpr = _mma_layout(STEP)
+    o_layout: gl.constexpr = _mma_layout(D)
+    op_layout: gl.constexpr = _operand_layout(D)
+    rows = pid_m * BLOCK + WG * HALF + gl.arange(0, HALF, gl.SliceLayout(1, s_layout))
+    lse = gl.load(LSE + h * s_lh + q0 + rows, mask=rows < len_q, other=float("inf"))
+    delta = gl.load(DELTA + h * s_lh + q0 + rows, mask=rows < len_q, other=0.0)
+    dq = gl.zeros([HALF, D], gl.float32, o_layout)
+    zero = gl.zeros([HALF, STEP], gl.float32, s_layout)  # the scores' accumulator, unused (use_acc=False)
+    shift = len_k - len_q
+    mbarrier.wait(qdo_ready, 0)
+    q_half = q_smem.slice(WG * HALF, HALF)
+    do_half = do_smem.slice(WG * HALF, HALF)
+    dq, it = _dq_steps(q_half, do_half, k_smem, v_smem, ready, free, dq, zero, lse, delta, rows, gl.to_tensor(0),
+                       scale_log2, 0, full, len_k, shift, False, CAUSAL, STEP, STAGES, s_layout, op_layout)
+    dq, it = _dq_steps(q_half, do_half, k_smem, v_smem, ready, free, dq, zero, lse, delta, rows, it,
+                       scale_log2, full, hi, len_k, shift, True, CAUSAL, STEP, STAGES, s_layout, op_layout)
+    out_rows = pid_m * BLOCK + WG * HALF + gl.arange(0, HALF, gl.SliceLayout(1, o_layout))
+    cols = gl.arange(0, D, gl.SliceLayout(0, o_layout))[None, :]
+    tokens = (q0 + out_rows).to(gl.int64)[:, None]
+    gl.store(DQ + tokens * s_dqt + h * s_dqh + cols, (dq * scale).to(DQ.dtype.element_ty),
+             mask=(out_rows < len_q)[:, None])
+
+
+@gluon.jit
+def _dq_compute_1(q_smem, do_smem, k_smem, v_smem, qdo_ready, ready, free, LSE, DELTA, DQ, q0, h, pid_m, len_q, len_k,
+                  full, hi, scale_log2, scale, s_lh, s_dqt, s_dqh,
+                  CAUSAL: gl.constexpr, D: gl.constexpr, STEP: gl.constexpr, BLOCK: gl.constexpr,
+                  STAGES: gl.constexpr):
+    _dq_compute(q_smem, do_smem, k_smem, v_smem, qdo_ready, ready, free, LSE, DELTA, DQ, q0, h, pid_m, len_q, len_k,
+                full, hi, scale_log2, scale, s_lh, s_dqt, s_dqh, 1, CAUSAL, D, STEP, BLOCK, STAGES)
+
+
+@gluon.jit
+def _dq_loader(k_desc, v_desc, k_smem, v_smem, ready, free, k0, hk, hi,
+               D: gl.constexpr, STEP: gl.constexpr, STAGES: gl.constexpr):
+    _load_ring(k_desc, v_desc, k_smem, v_smem, ready, free, k0, hk * D, 0, hi, gl.to_tensor(0), STEP, STAGES)
+
+
+@gluon.jit
+def _dq_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DQ, CU_Q, CU_K, max_q, scale_log2, scale,
+               s_lh, s_dqt, s_dqh,
+               HK: gl.constexpr, GROUP: gl.constexpr, CAUSAL: gl.constexpr, D: gl.constexpr,
+               STEP: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr):
+    # grid as the Triton kernel's dq half: the heads of a group side by side (they read the same k/v),
+    # the last query tiles (which see the most keys) first
+    tiles = GROUP * gl.cdiv(max_q, BLOCK)
+    tile = gl.program_id(0) % tiles
+    bh = gl.program_id(0) // tiles
+    b = bh // HK
+    hk = bh % HK
+    pid_m = tiles // GROUP - 1 - tile // GROUP
+    h = hk * GROUP + tile % GROUP
+    q0 = gl.load(CU_Q + b)
+    k0 = gl.load(CU_K + b)
+    len_q = gl.load(CU_Q + b + 1) - q0
+    len_k = gl.load(CU_K + b + 1) - k0
+    if pid_m * BLOCK < len_q:
+        # key blocks [0, full) are seen whole by every row of the tile; [full, hi) may cross the diagonal or the end
+        shift = len_k - len_q
+        hi = len_k
+        full = len_k // STEP * STEP
+        if CAUSAL:
+            hi = gl.minimum(len_k, (pid_m + 1) * BLOCK + shift)
+            full = gl.minimum(full, gl.maximum(0, (pid_m * BLOCK + shift + 1) // STEP * STEP))
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK, D], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(do_desc.dtype, [BLOCK, D], do_desc.layout)
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, STEP, D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, STEP, D], v_desc.layout)
+        qdo_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(qdo_ready, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(free.index(i), count=2)
+        mbarrier.expect(qdo_ready, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q0 + pid_m * BLOCK, h * D], qdo_ready, q_smem)
+        tma.async_copy_global_to_shared(do_desc, [q0 + pid_m * BLOCK, h * D], qdo_ready, do_smem)
+        gl.warp_specialize([
+            (_dq_compute, (q_smem, do_smem, k_smem, v_smem, qdo_ready, ready, free, LSE, DELTA, DQ, q0, h, pid_m,
+                           len_q, len_k, full, hi, scale_log2, scale, s_lh, s_dqt, s_dqh,
+                           0, CAUSAL, D, STEP, BLOCK, STAGES)),
+            (_dq_compute_1, (q_smem, do_smem, k_smem, v_smem, qdo_ready, ready, free, LSE, DELTA, DQ, q0, h, pid_m,
+                             len_q, len_k, full, hi, scale_log2, scale, s_lh, s_dqt, s_dqh,
+                             CAUSAL, D, STEP, BLOCK, STAGES)),
+            (_dq_loader, (k_desc, v_desc, k_smem, v_smem, ready, free, k0, hk, hi, D, STEP, STAGES)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def supports(q: torch.Tensor) -> bool:
+    """Whether these kernels serve this backward: Hopper, 16-bit inputs, head dim 64 or 128."""
+    return (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
+            and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in HEAD_DIMS)
+
+
+def _descriptor(x: torch.Tensor, rows: int) -> TensorDescriptor:
+    """x (tokens, heads, dim) as a (tokens, heads * dim) TMA descriptor of tiles of one head's rows;
+    rows past the last token read as zeros."""
+    tokens, heads, dim = x.shape
+    layout = gl.NVMMASharedLayout.get_default_for([rows, dim], gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16)
+    return TensorDescriptor(x.view(tokens, heads * dim), [tokens, heads * dim], [heads * dim, 1], [rows, dim], layout)
+
+
+def backward(q, k, v, do, lse, delta, dq, dk, dv, cu_q, cu_k, max_q: int, max_k: int, causal: bool,
+             scale: float, scale_log2: float) -> None:
+    """Fills dq, dk, dv (shaped as q, k, v). lse and delta: (heads, tokens) float32, base-2 log-sum-exp
+    and the row sums of dO * O."""
+    total, heads, dim = q.shape
+    kv_heads, batch = k.shape[1], cu_q.numel() - 1
+    group = heads // kv_heads
+    # at launch the three warpgroups share the register file evenly; setmaxnreg then moves registers to the two
+    # computing ones
+    meta = dict(HK=kv_heads, GROUP=group, CAUSAL=causal, D=dim, num_warps=4, maxnreg=65536 // (3 * 128) // 8 * 8)
+    step, block, stages = DKDV_TILES
+    _dkdv_kernel[(triton.cdiv(max_k, block) * batch * kv_heads,)](
+        _descriptor(q, step), _descriptor(do, step), _descriptor(k, block), _descriptor(v, block), lse, delta, dk, dv,
+        cu_q, cu_k, max_k, scale_log2, scale, lse.stride(0), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        STEP=step, BLOCK=block, STAGES=stages, **meta)
+    step, block, stages = DQ_TILES
+    _dq_kernel[(group * triton.cdiv(max_q, block) * batch * kv_heads,)](
+        _descriptor(q, block), _descriptor(do, block), _descriptor(k, step), _descriptor(v, step), lse, delta, dq,
+        cu_q, cu_k, max_q, scale_log2, scale, lse.stride(0), dq.stride(0), dq.stride(1),
+        STEP=step, BLOCK=block, STAGES=stages, **meta)
