@@ -59,6 +59,29 @@ def _load_ring(desc_a, desc_b, smem_a, smem_b, ready, free, row0, col, lo, hi, i
 
 
 @gluon.jit
+def _stage(held_a_desc, held_b_desc, ring_a_desc, ring_b_desc, row, col, HELD: gl.constexpr, STEP: gl.constexpr,
+           D: gl.constexpr, STAGES: gl.constexpr):
+    """Shared memory of a program: two tiles of HELD rows it keeps (loaded here, from `row`), a ring of
+    STAGES pairs of STEP-row tiles, and the barriers: `held_ready`, and per stage `ready` (loaded) and
+    `free` (both computing warpgroups are done with it)."""
+    held_a = gl.allocate_shared_memory(held_a_desc.dtype, [HELD, D], held_a_desc.layout)
+    held_b = gl.allocate_shared_memory(held_b_desc.dtype, [HELD, D], held_b_desc.layout)
+    ring_a = gl.allocate_shared_memory(ring_a_desc.dtype, [STAGES, STEP, D], ring_a_desc.layout)
+    ring_b = gl.allocate_shared_memory(ring_b_desc.dtype, [STAGES, STEP, D], ring_b_desc.layout)
+    held_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(held_ready, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(free.index(i), count=2)  # one arrival per computing warpgroup
+    mbarrier.expect(held_ready, held_a_desc.block_type.nbytes + held_b_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(held_a_desc, [row, col], held_ready, held_a)
+    tma.async_copy_global_to_shared(held_b_desc, [row, col], held_ready, held_b)
+    return held_a, held_b, ring_a, ring_b, held_ready, ready, free
+
+
+@gluon.jit
 def _dkdv_loader(q_desc, do_desc, q_smem, do_smem, ready, free, q0, hk, lo, len_q,
                  GROUP: gl.constexpr, D: gl.constexpr, STEP: gl.constexpr, STAGES: gl.constexpr):
     it = 0
@@ -141,16 +164,6 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, kv_ready, ready, free, LSE, D
 
 
 @gluon.jit
-def _dkdv_compute_1(k_smem, v_smem, q_smem, do_smem, kv_ready, ready, free, LSE, DELTA, DK, DV,
-                    q0, k0, hk, pid_n, len_q, len_k, lo, diag, full, scale_log2, scale, s_lh, s_dkt, s_dkh, s_dvt,
-                    s_dvh, GROUP: gl.constexpr, CAUSAL: gl.constexpr, D: gl.constexpr, STEP: gl.constexpr,
-                    BLOCK: gl.constexpr, STAGES: gl.constexpr):
-    _dkdv_compute(k_smem, v_smem, q_smem, do_smem, kv_ready, ready, free, LSE, DELTA, DK, DV, q0, k0, hk, pid_n,
-                  len_q, len_k, lo, diag, full, scale_log2, scale, s_lh, s_dkt, s_dkh, s_dvt, s_dvh,
-                  1, GROUP, CAUSAL, D, STEP, BLOCK, STAGES)
-
-
-@gluon.jit
 def _dkdv_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK, DV, CU_Q, CU_K, max_k, scale_log2, scale,
                  s_lh, s_dkt, s_dkh, s_dvt, s_dvh,
                  HK: gl.constexpr, GROUP: gl.constexpr, CAUSAL: gl.constexpr, D: gl.constexpr,
@@ -175,28 +188,16 @@ def _dkdv_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK, DV, CU_Q, CU_K
             diag = gl.minimum(len_q, lo + gl.maximum(0, pid_n * BLOCK + BLOCK - 1 - shift - lo + STEP - 1)
                               // STEP * STEP)
         full = gl.maximum(diag, len_q // STEP * STEP)
-        k_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK, D], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(v_desc.dtype, [BLOCK, D], v_desc.layout)
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, STEP, D], q_desc.layout)
-        do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, STEP, D], do_desc.layout)
-        kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(kv_ready, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(free.index(i), count=2)  # one arrival per computing warpgroup
-        mbarrier.expect(kv_ready, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [k0 + pid_n * BLOCK, hk * D], kv_ready, k_smem)
-        tma.async_copy_global_to_shared(v_desc, [k0 + pid_n * BLOCK, hk * D], kv_ready, v_smem)
+        k_smem, v_smem, q_smem, do_smem, kv_ready, ready, free = _stage(
+            k_desc, v_desc, q_desc, do_desc, k0 + pid_n * BLOCK, hk * D, BLOCK, STEP, D, STAGES)
         # Gluon passes a partition's arguments as written here: tuples built elsewhere lose their constexprs
         gl.warp_specialize([
             (_dkdv_compute, (k_smem, v_smem, q_smem, do_smem, kv_ready, ready, free, LSE, DELTA, DK, DV, q0, k0, hk,
                              pid_n, len_q, len_k, lo, diag, full, scale_log2, scale, s_lh, s_dkt, s_dkh, s_dvt, s_dvh,
                              0, GROUP, CAUSAL, D, STEP, BLOCK, STAGES)),
-            (_dkdv_compute_1, (k_smem, v_smem, q_smem, do_smem, kv_ready, ready, free, LSE, DELTA, DK, DV, q0, k0, hk,
-                               pid_n, len_q, len_k, lo, diag, full, scale_log2, scale, s_lh, s_dkt, s_dkh, s_dvt,
-                               s_dvh, GROUP, CAUSAL, D, STEP, BLOCK, STAGES)),
+            (_dkdv_compute, (k_smem, v_smem, q_smem, do_smem, kv_ready, ready, free, LSE, DELTA, DK, DV, q0, k0, hk,
+                             pid_n, len_q, len_k, lo, diag, full, scale_log2, scale, s_lh, s_dkt, s_dkh, s_dvt, s_dvh,
+                             1, GROUP, CAUSAL, D, STEP, BLOCK, STAGES)),
             (_dkdv_loader, (q_desc, do_desc, q_smem, do_smem, ready, free, q0, hk, lo, len_q, GROUP, D, STEP, STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
@@ -262,15 +263,6 @@ def _dq_compute(q_smem, do_smem, k_smem, v_smem, qdo_ready, ready, free, LSE, DE
 
 
 @gluon.jit
-def _dq_compute_1(q_smem, do_smem, k_smem, v_smem, qdo_ready, ready, free, LSE, DELTA, DQ, q0, h, pid_m, len_q, len_k,
-                  full, hi, scale_log2, scale, s_lh, s_dqt, s_dqh,
-                  CAUSAL: gl.constexpr, D: gl.constexpr, STEP: gl.constexpr, BLOCK: gl.constexpr,
-                  STAGES: gl.constexpr):
-    _dq_compute(q_smem, do_smem, k_smem, v_smem, qdo_ready, ready, free, LSE, DELTA, DQ, q0, h, pid_m, len_q, len_k,
-                full, hi, scale_log2, scale, s_lh, s_dqt, s_dqh, 1, CAUSAL, D, STEP, BLOCK, STAGES)
-
-
-@gluon.jit
 def _dq_loader(k_desc, v_desc, k_smem, v_smem, ready, free, k0, hk, hi,
                D: gl.constexpr, STEP: gl.constexpr, STAGES: gl.constexpr):
     _load_ring(k_desc, v_desc, k_smem, v_smem, ready, free, k0, hk * D, 0, hi, gl.to_tensor(0), STEP, STAGES)
@@ -302,27 +294,15 @@ def _dq_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DQ, CU_Q, CU_K, max_
         if CAUSAL:
             hi = gl.minimum(len_k, (pid_m + 1) * BLOCK + shift)
             full = gl.minimum(full, gl.maximum(0, (pid_m * BLOCK + shift + 1) // STEP * STEP))
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK, D], q_desc.layout)
-        do_smem = gl.allocate_shared_memory(do_desc.dtype, [BLOCK, D], do_desc.layout)
-        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, STEP, D], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, STEP, D], v_desc.layout)
-        qdo_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(qdo_ready, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(free.index(i), count=2)
-        mbarrier.expect(qdo_ready, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [q0 + pid_m * BLOCK, h * D], qdo_ready, q_smem)
-        tma.async_copy_global_to_shared(do_desc, [q0 + pid_m * BLOCK, h * D], qdo_ready, do_smem)
+        q_smem, do_smem, k_smem, v_smem, qdo_ready, ready, free = _stage(
+            q_desc, do_desc, k_desc, v_desc, q0 + pid_m * BLOCK, h * D, BLOCK, STEP, D, STAGES)
         gl.warp_specialize([
             (_dq_compute, (q_smem, do_smem, k_smem, v_smem, qdo_ready, ready, free, LSE, DELTA, DQ, q0, h, pid_m,
                            len_q, len_k, full, hi, scale_log2, scale, s_lh, s_dqt, s_dqh,
                            0, CAUSAL, D, STEP, BLOCK, STAGES)),
-            (_dq_compute_1, (q_smem, do_smem, k_smem, v_smem, qdo_ready, ready, free, LSE, DELTA, DQ, q0, h, pid_m,
-                             len_q, len_k, full, hi, scale_log2, scale, s_lh, s_dqt, s_dqh,
-                             CAUSAL, D, STEP, BLOCK, STAGES)),
+            (_dq_compute, (q_smem, do_smem, k_smem, v_smem, qdo_ready, ready, free, LSE, DELTA, DQ, q0, h, pid_m,
+                           len_q, len_k, full, hi, scale_log2, scale, s_lh, s_dqt, s_dqh,
+                           1, CAUSAL, D, STEP, BLOCK, STAGES)),
             (_dq_loader, (k_desc, v_desc, k_smem, v_smem, ready, free, k0, hk, hi, D, STEP, STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
