@@ -2,10 +2,11 @@
 
 One kernel family serves both entry points: `flash_attn_varlen_func` takes packed tokens
 (total, heads, dim) with cumulative sequence lengths; `flash_attn_func` (batch, seq, heads,
-dim) is the varlen case with equal lengths. On Hopper the backward of bf16/fp16 inputs runs in
-`flash_attn_hopper` (warp-specialised, same results). Grouped-query attention reads each k/v head for
+dim) is the varlen case with equal lengths. Grouped-query attention reads each k/v head for
 its group of query heads; k and v are never repeated in memory. Causal masking aligns the
-last query with the last key (as the flash-attn package does when lengths differ).
+last query with the last key (as the flash-attn package does when lengths differ). On Hopper
+the backward of bf16 inputs of head dim 64 or 128 runs in `flash_attn_hopper`: the same
+arithmetic, warp-specialised.
 
 Softmax runs in base 2: scores are multiplied by scale * log2(e), and the saved
 log-sum-exp is in the same units, so backward recomputes probabilities with one exp2.
@@ -259,7 +260,7 @@ def _dq_tile(Q, K, V, DO, LSE, DELTA, DQ, pid_m, h, hk, q0, k0, len_q, len_k, sc
 # compile at 4 warps and leaves the loop unspecialised at 8 (tried on a TMA forward). The dk/dv loop spills
 # registers at 64-row steps; 32-row steps, which do not spill, were 5% slower at 32K, and loading dq's k/v tiles
 # by TMA 3% slower: what bounds this kernel is the softmax arithmetic waiting on each wgmma (one program per SM),
-# with every warp meeting at the barriers around each tile load. On Hopper, bf16/fp16 with head dim 64 or 128 take
+# with every warp meeting at the barriers around each tile load. On Hopper, bf16 with head dim 64 or 128 takes
 # `flash_attn_hopper` instead: the same two halves, warp-specialised in Gluon (bitwise the same gradients at the
 # first tile sizes below); this kernel serves everything else.
 @triton.jit

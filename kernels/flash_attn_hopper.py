@@ -11,8 +11,9 @@ exponentiate. Within a warpgroup, dP's product runs on while the probabilities a
 and dV's while dS is formed (dk/dv). Keeping a tile's last product in flight into the next tile
 needed more registers than the warpgroups have: ptxas then serialises every product.
 
-Used for bf16/fp16 inputs of head dim 64 or 128 on compute capability 9.x; everything else
-(other GPUs, fp32, Triton's interpreter) takes `flash_attn._bwd_kernel`."""
+Used for bf16 inputs of head dim 64 or 128 on compute capability 9.x, the shapes its GPU tests
+ran; everything else (other GPUs, fp16, fp32, Triton's interpreter) takes
+`flash_attn._bwd_kernel`."""
 
 from __future__ import annotations
 
@@ -308,16 +309,16 @@ def _dq_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DQ, CU_Q, CU_K, max_
 
 
 def supports(q: torch.Tensor) -> bool:
-    """Whether these kernels serve this backward: Hopper, 16-bit inputs, head dim 64 or 128."""
-    return (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
-            and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in HEAD_DIMS)
+    """Whether these kernels serve this backward: Hopper, bf16, head dim 64 or 128."""
+    return (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9 and q.dtype == torch.bfloat16
+            and q.shape[-1] in HEAD_DIMS)
 
 
 def _descriptor(x: torch.Tensor, rows: int) -> TensorDescriptor:
     """x (tokens, heads, dim) as a (tokens, heads * dim) TMA descriptor of tiles of one head's rows;
     rows past the last token read as zeros."""
     tokens, heads, dim = x.shape
-    layout = gl.NVMMASharedLayout.get_default_for([rows, dim], gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16)
+    layout = gl.NVMMASharedLayout.get_default_for([rows, dim], gl.bfloat16)
     return TensorDescriptor(x.view(tokens, heads * dim), [tokens, heads * dim], [heads * dim, 1], [rows, dim], layout)
 
 

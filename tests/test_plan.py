@@ -156,7 +156,7 @@ def test_parallel_auto_replaces_only_the_free_settings():
 
 
 # Peaks (max_memory_allocated, GiB) of one 8B LoRA step by the code as it is: tokens, layout (host, gpu,
-# plain). All are BENCHMARKS.md's, on H200s on 2026-11-30: 16K (0, 10, 22) and 128K (0, 29, 3) by
+# plain). All are BENCHMARKS.md's, on H200s on 2026-11-30: 16K (0, 10, 22) and 128K (0, 29, 3), (0, 28, 4) by
 # bench/single_gpu.py capped at an H100's 79.18 GiB, whose planner chose those layouts, and 64K (0, 24, 8) by
 # bench/memory_peak.py, with the in-place softmax loss; the other rows before it (their peak is a recompute,
 # which the loss does not reach).
