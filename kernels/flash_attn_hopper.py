@@ -13,7 +13,8 @@ needed more registers than the warpgroups have: ptxas then serialises every prod
 
 Used for bf16 inputs of head dim 64 or 128 on compute capability 9.x, the shapes its GPU tests
 ran; everything else (other GPUs, fp16, fp32, Triton's interpreter) takes
-`flash_attn._bwd_kernel`."""
+`flash_attn._bwd_kernel`.
+"""
 
 from __future__ import annotations
 
