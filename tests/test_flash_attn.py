@@ -6,7 +6,7 @@ On CPU the kernels run in Triton's interpreter at tiny shapes (fp32); on GPU at 
 import pytest
 import torch
 
-from longctx.kernels import flash_attn_hopper
+from longctx.kernels import flash_attn
 from longctx.kernels.flash_attn import flash_attn_func, flash_attn_varlen_func, reference_attention
 
 CUDA = torch.cuda.is_available()
@@ -123,8 +123,8 @@ def test_gpu_hopper_backward_equals_the_triton_kernel(dim, causal, kv_heads, mon
     gen = torch.Generator(device="cuda").manual_seed(dim + kv_heads)
     make = lambda h: torch.randn(sum(lengths), h, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
     q, k, v, grad = make(32), make(kv_heads), make(kv_heads), make(32)
-    assert flash_attn_hopper.supports(q)
-    assert not any(flash_attn_hopper.supports(q.to(dtype)) for dtype in (torch.half, torch.float))
+    assert flash_attn.uses_hopper_backward(q)
+    assert not any(flash_attn.uses_hopper_backward(q.to(dtype)) for dtype in (torch.half, torch.float))
 
     def grads():
         leaves = [x.detach().requires_grad_() for x in (q, k, v)]
@@ -132,6 +132,6 @@ def test_gpu_hopper_backward_equals_the_triton_kernel(dim, causal, kv_heads, mon
         return [x.grad for x in leaves]
 
     hopper = grads()
-    monkeypatch.setattr(flash_attn_hopper, "supports", lambda q: False)
+    monkeypatch.setattr(flash_attn, "uses_hopper_backward", lambda q: False)
     for name, ours, triton_kernel in zip(("dq", "dk", "dv"), hopper, grads()):
         assert rel_err(ours, triton_kernel) < 1e-3, (name, rel_err(ours, triton_kernel))
