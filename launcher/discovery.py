@@ -163,6 +163,23 @@ def from_environment(env: Mapping[str, str]) -> Optional[World]:
     return world
 
 
+def check_master_port() -> None:
+    """Rank 0 binds the rendezvous store at MASTER_PORT: a port another process listens on would leave this job
+    waiting for peers that never come, so it is refused at once."""
+    if os.environ.get("RANK", "0") != "0" or "MASTER_PORT" not in os.environ:
+        return
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's agent already listens there for us
+        return
+    port = int(os.environ["MASTER_PORT"])
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the store binds: a closing run's port is free
+        try:
+            s.bind(("", port))
+        except OSError:
+            raise DiscoveryError(f"MASTER_PORT={port}: another process (another run?) listens on it; "
+                                 f"start with a free port: deepspeed --master_port N ..., or MASTER_PORT=N") from None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))

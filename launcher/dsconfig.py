@@ -39,6 +39,9 @@ def build_ds_config(recipe: Recipe, bf16: bool) -> dict:
         cfg["zero_force_ds_cpu_optimizer"] = False
     if p.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if t.tensorboard:
+        # DeepSpeed's monitor writes into output_path/job_name: <out_dir>/tensorboard, beside metrics.jsonl
+        cfg["tensorboard"] = {"enabled": True, "output_path": t.out_dir, "job_name": "tensorboard"}
     return cfg
 
 

@@ -551,13 +551,18 @@ def _searchable(text: str) -> set[str]:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     from longctx.cli import ArgParser
 
-    p = ArgParser(prog="longctx plan", description="Predict per-GPU and host memory of a recipe; choose settings that fit.")
+    p = ArgParser(prog="longctx plan")  # its description is the line `longctx` lists
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("overrides", nargs="*", help="key=value recipe overrides")
-    p.add_argument("--nodes", type=_count(1), default=1)
-    p.add_argument("--gpus-per-node", type=_count(1), default=1)
-    p.add_argument("--gpu-mem", type=parse_bytes, default="80GiB", help="memory of one GPU")
-    p.add_argument("--host-mem", type=parse_bytes, default="512GiB", help="host memory of one node")
+    p.add_argument("--nodes", type=_count(1), default=1, help="number of nodes (hosts)")
+    p.add_argument("--gpus-per-node", type=_count(1), default=1, help="GPUs (ranks) on each node")
+    p.add_argument("--gpu-mem", type=parse_bytes, default="80GiB",
+                   help=f"total memory of one GPU (80GiB = 80 x 2^30 bytes, 80GB = 80 x 10^9); the planner reserves "
+                        f"{GPU_RESERVED_BYTES / GiB:g} GiB of it for the CUDA context and workspaces, the rest is usable")
+    # None, not the size: the output says when the planner assumed it
+    p.add_argument("--host-mem", type=parse_bytes, default=None,
+                   help=f"host memory of one node (default: {Cluster.host_mem / GiB:g}GiB, assumed when not given; "
+                        f"the output says so)")
     p.add_argument("--free", type=_searchable, default=",".join(SEARCHABLE),
                    help=f"settings the planner may choose, from {','.join(SEARCHABLE)} ('' = none)")
     p.add_argument("--attention", choices=ATTENTION_KINDS, help="override the attention kind implied by the recipe")
@@ -595,7 +600,7 @@ def plan(recipe: Recipe, cluster: Cluster, f_overrides: dict,
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_mem, args.host_mem)
+    cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_mem, args.host_mem or Cluster.host_mem)
     recipe = load_recipe(args.recipe, args.overrides)
     free = args.free
     f_overrides = {k: v for k, v in (("attention", args.attention), ("loss", args.loss), ("norm", args.norm),
@@ -605,9 +610,14 @@ def main(argv: list[str]) -> int:
     if args.engine == "torch":
         f_overrides.update(engine="torch", adapter_fp32=True)
     result, as_written, chosen = plan(recipe, cluster, f_overrides, free)
+    result["cluster"]["host_mem_assumed"] = args.host_mem is None
     if args.json:
         print(json.dumps(result, indent=2))
         return 0 if as_written.fits else 1
+    host = "assumed, as --host-mem was not given" if args.host_mem is None else "--host-mem"
+    print(f"cluster: {cluster.nodes} node(s) x {cluster.gpus_per_node} GPU(s); per GPU {cluster.gpu_mem / GiB:.2f} GiB, "
+          f"of which {(cluster.gpu_mem - GPU_RESERVED_BYTES) / GiB:.2f} usable ({GPU_RESERVED_BYTES / GiB:.2f} reserved "
+          f"for the CUDA context and workspaces); host memory per node {cluster.host_mem / GiB:.2f} GiB ({host})\n")
     print(format_table(as_written))
     verdict = "fits" if as_written.fits else "does NOT fit"
     print(f"\nthe recipe as written {verdict}; longest sequence with its settings: {result['recipe_longest_seq_len']:,}")

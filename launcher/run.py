@@ -13,14 +13,16 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from longctx.checkpoint import tag_for
+from longctx.checkpoint import resolve_resume, saved_step, tag_for
 from longctx.cli import ArgParser
 from longctx.config import ConfigError, Recipe, load_recipe
-from longctx.launcher.discovery import DiscoveryError, discover, free_port
+from longctx.launcher.discovery import DiscoveryError, check_master_port, discover, free_port
 
 if TYPE_CHECKING:
     from longctx.launcher.plan import Cluster
@@ -100,9 +102,22 @@ def refuse(error: Exception) -> int:
     return 2
 
 
+def completed(recipe: Recipe) -> Path | None:
+    """The checkpoint of a run already trained to train.max_steps whose results are written, if this is one."""
+    run_dir = Path(recipe.train.out_dir)
+    last = resolve_resume(recipe.train.resume, run_dir / "checkpoints")
+    if last is None or saved_step(last) < recipe.train.max_steps:
+        return None
+    return last if not recipe.train.export or (run_dir / "hf" / "config.json").is_file() else None
+
+
 def main(argv: list[str] | None = None) -> int:
+    # DeepSpeed's ZeRO calls a torch collective under its deprecated name on every step
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
+        if args.config is None:
+            raise ConfigError("--config is missing: give a recipe file, e.g. --config recipes/demo-cpu.yaml")
         single_process_env()
         recipe = resolve_parallel_auto(load_recipe(args.config, args.overrides))
         check_world(recipe)
@@ -111,9 +126,18 @@ def main(argv: list[str] | None = None) -> int:
         check_inputs(recipe)
         if not args.ignore_plan:
             check_plan(recipe)
+        check_master_port()
     except (ConfigError, DiscoveryError) as e:
         return refuse(e)
     rank = int(os.environ["RANK"])
+    run_dir = Path(recipe.train.out_dir)
+    done = completed(recipe)
+    if done is not None:
+        if rank == 0:
+            print(f"{run_dir}: already trained to step {saved_step(done)} (train.max_steps="
+                  f"{recipe.train.max_steps}); nothing to do. To train further raise train.max_steps; to start "
+                  f"over, train.resume=never or another train.out_dir.\n{report(run_dir, saved_step(done))}")
+        return 0
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"[rank{rank}] %(asctime)s %(name)s: %(message)s",
@@ -123,32 +147,39 @@ def main(argv: list[str] | None = None) -> int:
     from longctx.train import train
 
     topo = init_topology(recipe.parallel.sp)
-    run_dir = Path(recipe.train.out_dir)
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         summary = train(recipe, topo, run_dir)
-    except ConfigError as e:  # a rule only the loaded data can check (e.g. records in a format we do not read)
+    except ConfigError as e:  # a rule only the loaded data can check (e.g. too few tokens for one window)
+        if rank == 0 and created:  # a refused run leaves nothing behind
+            shutil.rmtree(run_dir, ignore_errors=True)
         return refuse(e)
     if rank == 0:
-        print(report(summary, run_dir))
+        print(f"{summary['status']} at step {summary['step']}\n{report(run_dir, summary['last_checkpoint'])}")
+        for name, line in summary.get("eval", {}).items():
+            print(f"eval {name:<9}{line}")
+        if "eval" in summary and recipe.model.config is not None:
+            print(f"(model.config: weights trained from random for {summary['step']} steps; perplexity near the "
+                  f"vocabulary size and needle accuracy 0 are what such a model scores: the reports show the "
+                  f"evaluations run, not a trained model's quality)")
         print(json.dumps(summary))
     return 0
 
 
-def report(summary: dict, run_dir: Path) -> str:
-    """Where the run's results are, for a person."""
+def report(run_dir: Path, last_checkpoint: int | None) -> str:
+    """Where a run's results are, for a person."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]
     lines = [
-        f"{summary['status']} at step {summary['step']}",
         f"loss          {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']})",
         f"metrics       {run_dir / 'metrics.jsonl'}",
     ]
-    if summary["last_checkpoint"] is not None:
-        lines.append(f"checkpoint    {run_dir / 'checkpoints' / tag_for(summary['last_checkpoint'])}")
-    for key, text in (("hf", "model (HF)"), ("adapter", "adapter"), ("eval", "evaluation")):
-        if key in summary:
-            lines.append(f"{text:<14}{summary[key] if key != 'eval' else run_dir / 'eval'}")
+    if last_checkpoint is not None:
+        lines.append(f"checkpoint    {run_dir / 'checkpoints' / tag_for(last_checkpoint)}")
+    for name, text in (("hf", "model (HF)"), ("adapter", "adapter"), ("eval", "evaluation")):
+        if (run_dir / name).is_dir():
+            lines.append(f"{text:<14}{run_dir / name}")
     return "\n".join(lines)
 
 

@@ -10,9 +10,14 @@ sequence are summed over its sp ranks.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
+import sys
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -79,13 +84,35 @@ def _unlink_shared_memory(rank: int) -> None:
         os.unlink(name)
 
 
+def warn_on_build_locks(after_s: float = 10.0) -> threading.Timer:
+    """torch waits without a word on the lock of an op build; a build killed mid-way leaves its lock behind for
+    good. If start-up still waits after `after_s`, name every such lock and how to clear it (cancel the timer
+    once started)."""
+
+    def say() -> None:
+        root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+        for lock in sorted(root.glob("**/lock")):
+            print(f"[rank{os.environ.get('RANK', '0')}] still waiting after {after_s:.0f} s: an op build holds "
+                  f"{lock}. If no other run on this machine is building it, a killed build left it: rm {lock}",
+                  file=sys.stderr, flush=True)
+
+    timer = threading.Timer(after_s, say)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 def init_topology(sp: int) -> Topology:
     """Start the process group (DeepSpeed's comm backend: NCCL on GPUs, gloo on CPU) and the sp groups."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False)
+    # On CPU, DeepSpeed builds (or loads) its shared-memory all-reduce op here and prints a line each run
+    watchdog = warn_on_build_locks()
+    with contextlib.redirect_stdout(io.StringIO()):
+        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False)
+    watchdog.cancel()
     rank, world = dist.get_rank(), dist.get_world_size()
     if accelerator.device_name() == "cpu":
         _unlink_shared_memory(rank)

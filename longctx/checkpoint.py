@@ -7,23 +7,29 @@ state and, only after every rank has finished, a COMPLETE marker and an atomical
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from longctx.config import ConfigError
+from longctx.config import ConfigError, Recipe
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
 MARKER = "COMPLETE"
+IDENTITY = "identity.json"
+# what a checkpoint shares with the run that resumes it: the weights' source and shape, and what a step computes
+IDENTITY_KEYS = ("model.path", "model.config", "model.dtype", "data.seq_len", "parallel.sp", "parallel.zero_stage",
+                 "lora.enabled")
+LORA_KEYS = ("lora.r", "lora.targets", "lora.train_embeddings", "lora.train_norms")
 
 
 def tag_for(step: int) -> str:
@@ -36,12 +42,38 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and (p / MARKER).exists())
 
 
-def check_resumable(path: Path, world_size: int) -> None:
-    """A checkpoint resumes only in a world of the size that wrote it (ZeRO partitions and per-rank RNG state)."""
+def identity(recipe: Recipe, rope: dict) -> dict[str, Any]:
+    """The recipe values (and the effective RoPE record) a resumed run must share with its checkpoint."""
+    keys = IDENTITY_KEYS + (LORA_KEYS if recipe.lora.enabled else ())
+    values = {k: functools.reduce(getattr, k.split("."), recipe) for k in keys}
+    for k in ("model.path", "model.config"):
+        values[k] = values[k] and os.path.abspath(values[k])
+    return json.loads(json.dumps({**values, "rope": rope}))  # as it reads back from the checkpoint
+
+
+def check_resumable(path: Path, world_size: int, expected: dict[str, Any]) -> None:
+    """A checkpoint resumes only in a world of the size that wrote it (ZeRO partitions and per-rank RNG state),
+    and only into the run that wrote it: same model, LoRA shape, sequence length, sp, ZeRO stage and RoPE."""
     written = len(list(path.glob("rng-rank*.pt")))
     if written != world_size:
         raise ConfigError(f"train.resume: {path} was written by {written} ranks, this run has {world_size}; "
                           f"resume with {written} ranks, or set train.resume=never")
+    how = "resume with the same value, or start anew in another train.out_dir (or train.resume=never)"
+    if not (path / IDENTITY).is_file():
+        raise ConfigError(f"train.resume: {path} does not record the recipe that wrote it, so it cannot be checked; {how}")
+    saved = _flat(json.loads((path / IDENTITY).read_text()))
+    expected = _flat(expected)
+    for key in dict.fromkeys([*saved, *expected]):
+        if saved.get(key) != expected.get(key):
+            raise ConfigError(f"train.resume: {path} was written with {key}={saved.get(key)!r}, this run has "
+                              f"{key}={expected.get(key)!r}; {how}")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
 
 
 def resolve_resume(resume: str, root: Path) -> Path | None:
@@ -56,6 +88,11 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
         raise ConfigError(f"train.resume={resume!r}: not a complete checkpoint (no {MARKER} file in it); "
                           f"allowed: auto, never, or a checkpoint directory such as <out_dir>/checkpoints/{tag_for(1)}")
     return path
+
+
+def saved_step(path: Path) -> int:
+    """The optimizer step a complete checkpoint was written after."""
+    return json.loads((path / MARKER).read_text())["step"]
 
 
 def _rng_state() -> dict:
@@ -73,14 +110,16 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine: DeepSpeedEngine, root: Path, step: int, client_state: dict, keep: int) -> Path:
-    """Write the checkpoint of `step` on every rank; returns its directory."""
+def save(engine: DeepSpeedEngine, root: Path, step: int, client_state: dict, keep: int,
+         run_identity: dict[str, Any]) -> Path:
+    """Write the checkpoint of `step` on every rank, with the `identity` of the run; returns its directory."""
     tag = tag_for(step)
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     rank = dist.get_rank()
     torch.save(_rng_state(), root / tag / f"rng-rank{rank}.pt")
     dist.barrier()
     if rank == 0:
+        (root / tag / IDENTITY).write_text(json.dumps(run_identity, indent=1))
         (root / tag / MARKER).write_text(json.dumps(client_state))
         tmp = root / "latest.tmp"
         tmp.write_text(tag)

@@ -78,10 +78,22 @@ def semantic_chunks(text: str, tokenizer: PreTrainedTokenizerBase, max_tokens: i
     if max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens}: must be >= 1")
     starts = token_starts(text, tokenizer)
+    return [span_text(text, starts, s, e) for s, e in semantic_spans(text, starts, max_tokens)]
+
+
+def span_text(text: str, starts: list[int], begin: int, end: int) -> str:
+    """The source text of tokens [begin, end), not a decode: byte tokens cut inside a character decode to junk."""
+    return text[char_offset(starts, text, begin):char_offset(starts, text, end)]
+
+
+def semantic_spans(text: str, starts: list[int], max_tokens: int) -> list[tuple[int, int]]:
+    """[start, end) token spans of `semantic_chunks`, given where each token of the text starts (`token_starts`)."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens}: must be >= 1")
     n = len(starts)
     sections, paragraphs = boundary_cuts(text, starts)
 
-    chunks, begin = [], 0
+    spans, begin = [], 0
     while begin < n:
         limit = begin + max_tokens
         if limit >= n:
@@ -90,9 +102,9 @@ def semantic_chunks(text: str, tokenizer: PreTrainedTokenizerBase, max_tokens: i
             late_sections = [c for c in sections if begin + max_tokens // 2 <= c <= limit and c > begin]
             fitting = [c for c in sections | paragraphs if begin < c <= limit]
             end = max(late_sections or fitting or [limit])
-        chunks.append(text[char_offset(starts, text, begin):char_offset(starts, text, end)])
+        spans.append((begin, end))
         begin = end
-    return chunks
+    return spans
 
 
 def reorder(ranked: list, strategy: str) -> list:
@@ -113,37 +125,37 @@ def main(argv: list[str]) -> int:
     from longctx.config import ConfigError
     from longctx.token_count import load_tokenizer
 
-    p = ArgParser(prog="longctx chunk", description="split a text file into token windows or semantic chunks")
-    p.add_argument("file")
-    p.add_argument("--tokenizer", required=True)
+    p = ArgParser(prog="longctx chunk")
+    p.add_argument("file", help="a text file (one document), or a .jsonl/.json/.parquet data file whose records "
+                                "are documents (text, prompt + completion or messages, as training reads them)")
+    p.add_argument("--tokenizer", required=True, help="local tokenizer (or model) directory")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--window", type=int, help="fixed windows of this many tokens")
     mode.add_argument("--semantic", type=int, metavar="MAX_TOKENS",
                       help="chunks of up to MAX_TOKENS cut at section starts or paragraph ends")
-    p.add_argument("--overlap", type=int, default=0)
+    p.add_argument("--overlap", type=int, default=0, help="--window only: tokens shared by consecutive windows")
     p.add_argument("--out", help="jsonl output (default: stdout)")
     args = p.parse_args(argv)
     if not Path(args.file).is_file():
         raise ConfigError(f"file={args.file}: no such file")
     if args.semantic is not None and args.overlap:
         raise ConfigError(f"--overlap={args.overlap}: applies to --window only; semantic chunks do not overlap")
-    if args.out and not Path(args.out).resolve().parent.is_dir():
-        raise ConfigError(f"--out {args.out}: its directory does not exist")
-    text = Path(args.file).read_text(encoding="utf-8", errors="replace")
-    tokenizer = load_tokenizer(args.tokenizer)
+    if args.semantic is not None and args.semantic < 1:
+        raise ConfigError(f"--semantic={args.semantic}: must be >= 1")
     if args.window is not None:
-        starts = token_starts(text, tokenizer)
         try:
-            spans = fixed_windows(len(starts), args.window, args.overlap)
+            fixed_windows(0, args.window, args.overlap)  # checks the arguments alone
         except ValueError as e:
             raise ConfigError(f"--window/--overlap: {e}") from None
-        # the text between token boundaries, not a decode: byte tokens cut inside a character decode to junk
-        rows = [{"start": s, "end": e, "text": text[char_offset(starts, text, s):char_offset(starts, text, e)]}
-                for s, e in spans]
-    else:
-        if args.semantic < 1:
-            raise ConfigError(f"--semantic={args.semantic}: must be >= 1")
-        rows = [{"text": c} for c in semantic_chunks(text, tokenizer, args.semantic)]
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        raise ConfigError(f"--out {args.out}: its directory does not exist")
+    tokenizer = load_tokenizer(args.tokenizer)
+    rows = []
+    for document, text in enumerate(documents(args.file)):
+        starts = token_starts(text, tokenizer)
+        spans = (fixed_windows(len(starts), args.window, args.overlap) if args.window is not None
+                 else semantic_spans(text, starts, args.semantic))
+        rows += [{"document": document, "start": s, "end": e, "text": span_text(text, starts, s, e)} for s, e in spans]
     lines = "".join(json.dumps(r) + "\n" for r in rows)
     if args.out:
         Path(args.out).write_text(lines)
@@ -151,3 +163,14 @@ def main(argv: list[str]) -> int:
     else:
         sys.stdout.write(lines)
     return 0
+
+
+def documents(path: str) -> list[str]:
+    """The texts to chunk: each record of a data file (read as training reads it), or a whole text file."""
+    from longctx.data import SUFFIXES, check_records
+    from longctx.evaluation.common import document_texts
+
+    if SUFFIXES.get(Path(path).suffix) in ("json", "parquet"):
+        check_records(path, "file")  # its errors name this command's argument; document_texts' say --data
+        return document_texts([path])
+    return [Path(path).read_text(encoding="utf-8", errors="replace")]

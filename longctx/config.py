@@ -13,6 +13,7 @@ import functools
 import math
 import os
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import yaml
@@ -37,8 +38,10 @@ LORA_TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 
 @dataclass
 class ModelSection:
-    path: Optional[str] = _f(None, "local Hugging Face model directory (config, weights, tokenizer)")
-    config: Optional[str] = _f(None, "config-only directory: the model is built with random weights")
+    path: Optional[str] = _f(None, "local Hugging Face model directory (config, weights, tokenizer); "
+                             "given on the command line, it replaces the recipe's model.config")
+    config: Optional[str] = _f(None, "config-only directory (config + tokenizer): the model is built with random "
+                               "weights; given on the command line, it replaces the recipe's model.path")
     tokenizer: Optional[str] = _f(None, "tokenizer directory; default: model.path or model.config")
     dtype: str = _f("auto", "training dtype of weights and activations; auto = bf16 on GPU, fp32 on CPU",
                     choices=["auto", "bf16", "fp32"])
@@ -75,9 +78,14 @@ class DataSection:
                              "empty = the embedded corpus (Python sources + passkey documents)")
     seq_len: int = _f(1024, "tokens per packed training sequence", min=8)
     min_doc_tokens: int = _f(0, "drop documents shorter than this many tokens", min=0)
-    max_documents: Optional[int] = _f(None, "use at most this many documents (embedded corpus: source files; "
-                                      "the passkey documents come on top)", min=1)
+    max_documents: Optional[int] = _f(None, "use at most this many documents (embedded corpus: module files or "
+                                      "packages; the passkey documents come on top)", min=1)
+    corpus_unit: str = _f("files", "embedded corpus: one document per standard-library module file, or per "
+                          "package (its files joined: documents of 10K to 5M tokens, for long targets)",
+                          choices=["files", "packages"])
     passkey_documents: int = _f(64, "embedded corpus: number of synthetic passkey documents", min=0)
+    passkey_tokens: int = _f(0, "embedded corpus: about how many tokens each passkey document has; 0 = short "
+                             "ones (200 to 1,400 tokens)", min=0)
     num_proc: int = _f(2, "tokenizer processes", min=1)
 
 
@@ -107,6 +115,8 @@ class TrainSection:
                         choices=["auto", "always", "never"])
     mlp_tile_tokens: int = _f(4096, "tokens per MLP tile", min=1)
     export: bool = _f(True, "write <out_dir>/hf (merged) and <out_dir>/adapter at the end")
+    tensorboard: bool = _f(False, "also log loss, lr and tokens/s through DeepSpeed's TensorBoard monitor into "
+                           "<out_dir>/tensorboard")
 
 
 @dataclass
@@ -220,6 +230,9 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+MODEL_SOURCES = {"model.path": "config", "model.config": "path"}
+
+
 def load_recipe(path: Optional[str], overrides: list[str] = ()) -> Recipe:
     """Recipe file + `a.b=value` overrides -> a validated Recipe. Raises ConfigError."""
     base = OmegaConf.structured(Recipe)
@@ -228,6 +241,14 @@ def load_recipe(path: Optional[str], overrides: list[str] = ()) -> Recipe:
             raise ConfigError(f"--config {path}: no such recipe file")
         try:
             raw = OmegaConf.load(path)
+        except yaml.MarkedYAMLError as e:  # the mark is where the parser gave up, 0-based
+            mark = e.problem_mark or e.context_mark
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+            # the context says what was open, e.g. a `[` that was never closed, and where
+            opened = (f"; {e.context} at {e.context_mark.line + 1}:{e.context_mark.column + 1}"
+                      if e.context and e.context_mark and e.problem_mark
+                      and (e.context_mark.line, e.context_mark.column) != (mark.line, mark.column) else "")
+            raise ConfigError(f"--config {where}: not valid YAML ({e.problem or e.context}{opened})") from None
         except Exception as e:
             raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(raw, DictConfig):
@@ -235,7 +256,10 @@ def load_recipe(path: Optional[str], overrides: list[str] = ()) -> Recipe:
         for key, value in _flatten(OmegaConf.to_container(raw)).items():
             _merge(base, key, value)
     for item in overrides:
-        _merge(base, *_parse_override(item))
+        key, value = _parse_override(item)
+        if key in MODEL_SOURCES and value is not None:  # one source of weights: the command line's replaces the file's
+            base.model[MODEL_SOURCES[key]] = None
+        _merge(base, key, value)
     recipe: Recipe = OmegaConf.to_object(base)
     validate(recipe)
     return recipe
@@ -284,6 +308,17 @@ def _is_model_dir(path: str, need: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, need))
 
 
+def _check_out_dir(path: str) -> None:
+    """The run directory, or the nearest folder above it that exists, must be a writable directory."""
+    for where in (path, *map(str, Path(path).parents)):
+        if os.path.exists(where):
+            if not os.path.isdir(where):
+                raise ConfigError(f"train.out_dir={path!r}: {where} is a file, not a directory")
+            if not os.access(where, os.W_OK | os.X_OK):
+                raise ConfigError(f"train.out_dir={path!r}: {where} is not writable")
+            return
+
+
 def validate(r: Recipe) -> None:
     """Field rules from the schema, then the rules that span fields."""
     _check_section(r, "")
@@ -295,6 +330,7 @@ def validate(r: Recipe) -> None:
             raise ConfigError(f"{key}={path!r}: not a directory with a config.json")
     if m.tokenizer is not None and not os.path.isdir(m.tokenizer):
         raise ConfigError(f"model.tokenizer={m.tokenizer!r}: no such directory")
+    _check_out_dir(r.train.out_dir)
     if r.data.path is not None and not os.path.exists(r.data.path):
         raise ConfigError(f"data.path={r.data.path!r}: no such file or directory")
     p = r.parallel

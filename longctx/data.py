@@ -44,12 +44,19 @@ def data_files(path: str, key: str = "data.path") -> tuple[str, list[str]]:
 
 
 def check_records(path: str, key: str = "data.path") -> str:
-    """The record format of the files at `path`, read from their first record only (streamed)."""
-    import datasets
-
+    """The record format of the files at `path`, read from their first record (streamed). JSON-lines
+    files are read whole, line by line: a bad line is named as file:line before any run starts."""
     builder, files = data_files(path, key)
     if builder == "text":
         return "text"
+    if all(f.endswith(".jsonl") for f in files):
+        firsts = [check_json_lines(f, f"{key}={path!r}: cannot read json records") for f in files]
+        first = next((r for r in firsts if r is not None), None)
+        if first is None:
+            raise ConfigError(f"{key}={path!r}: no records in it")
+        return record_format(list(first), path, key)
+    import datasets
+
     logger = logging.getLogger("datasets")  # it logs a parse error before raising it: the error says it once
     level = logger.level
     logger.setLevel(logging.CRITICAL)
@@ -68,12 +75,40 @@ def check_records(path: str, key: str = "data.path") -> str:
     return record_format(list(first), path, key)
 
 
+def check_json_lines(file: str, context: str) -> dict | None:
+    """The first record of a JSON-lines file after checking that every line is a JSON object;
+    raises ConfigError `context: file:line: what is wrong` (pyarrow would say "row N", 0-based)."""
+    first, needed = None, ()
+    with open(file, "rb") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():  # blank lines hold no record, as for datasets
+                continue
+            try:
+                record = json.loads(line)
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{context}: {file}:{number}: not UTF-8 ({e.reason} at byte {e.start})") from None
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{context}: {file}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise ConfigError(f"{context}: {file}:{number}: a record is a JSON object {{...}}, "
+                                  f"not a {type(record).__name__}")
+            if first is None:  # its format's fields (if any) are what every later record needs
+                first = record
+                needed = next((n for n in FORMATS.values() if all(c in record for c in n)), ())
+            missing = [c for c in needed if c not in record]
+            if missing:  # datasets would fill it with null, and tokenising would fail mid-run
+                raise ConfigError(f"{context}: {file}:{number}: no {missing[0]!r} field, which the file's first "
+                                  f"record has (every record needs {'+'.join(needed)})")
+    return first
+
+
 def load_documents(section: DataSection, seed: int) -> datasets.Dataset:
     """A `datasets.Dataset` of records: local files, or the embedded corpus."""
     import datasets
 
     if section.path is None:  # max_documents counts the source files: the passkey documents come on top
-        return datasets.Dataset.from_list(embedded_corpus(section.passkey_documents, seed, section.max_documents))
+        return datasets.Dataset.from_list(embedded_corpus(section.passkey_documents, seed, section.max_documents,
+                                                          section.corpus_unit, section.passkey_tokens))
     builder, files = data_files(section.path)
     # a .txt file is one document, not one per line
     kwargs = {"sample_by": "document"} if builder == "text" else {}

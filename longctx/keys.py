@@ -1,13 +1,70 @@
-"""`longctx keys`: every recipe key, its default and what it means."""
+"""`longctx keys`: every recipe key, its default, what it means and the values it takes."""
 
 from __future__ import annotations
 
+import shutil
+import textwrap
+from dataclasses import Field, fields
+from typing import Any
+
 from longctx.cli import ArgParser
-from longctx.config import describe_keys
+from longctx.config import Recipe, describe_keys
+
+
+def schema_field(key: str) -> Field:
+    """The dataclass field of a recipe key such as `train.lr`."""
+    *sections, name = key.split(".")
+    cls: Any = Recipe
+    for section in sections:
+        cls = next(f.default_factory for f in fields(cls) if f.name == section)
+    return next(f for f in fields(cls) if f.name == name)
+
+
+def allowed(meta: dict) -> str:
+    """What validation accepts, in the words of its errors: `one of a|b`, `>= 1`, `each in [0.0, 1.0]`."""
+    parts = []
+    if "choices" in meta:
+        parts.append("one of " + "|".join(str(c) for c in meta["choices"]))
+    if "each_choices" in meta:
+        parts.append("each of " + "|".join(str(c) for c in meta["each_choices"]))
+    if "min" in meta and "max" in meta:
+        parts.append(f"in {'(' if meta.get('exclusive_min') else '['}{meta['min']}, {meta['max']}]")
+    elif "min" in meta:
+        parts.append(f"{'>' if meta.get('exclusive_min') else '>='} {meta['min']}")
+    elif "max" in meta:
+        parts.append(f"<= {meta['max']}")
+    if "each_min" in meta and "each_max" in meta:
+        parts.append(f"each in [{meta['each_min']}, {meta['each_max']}]")
+    elif "each_min" in meta:
+        parts.append(f"each >= {meta['each_min']}")
+    return ", ".join(parts)
+
+
+def as_override(value: Any) -> str:
+    """A default as one would type it in `key=value`: null, true, [a, b]."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ", ".join(as_override(v) for v in value) + "]"
+    return str(value)
 
 
 def main(argv: list[str]) -> int:
-    ArgParser(prog="longctx keys", description=__doc__.splitlines()[0]).parse_args(argv)
+    ArgParser(prog="longctx keys").parse_args(argv)
+    # key and default on one line, help and allowed values indented below: a long default or help
+    # wraps inside its own block instead of pushing the next column out of line
+    width = max(40, min(shutil.get_terminal_size().columns, 100))
+    section = None
     for key, default, help in describe_keys():
-        print(f"{key:<28} {str(default):<12} {help}")
+        if section not in (None, key.split(".")[0]):
+            print()
+        section, f = key.split(".")[0], schema_field(key)
+        kind = f.type[len("Optional["):-1] if f.type.startswith("Optional[") else f.type
+        print(textwrap.fill(f"{key} = {as_override(default)}  ({kind})", width, subsequent_indent=" " * 8))
+        rule = allowed(f.metadata)
+        for line in (help, f"allowed: {rule}" if rule else ""):
+            if line:
+                print(textwrap.fill(line, width, initial_indent=" " * 4, subsequent_indent=" " * 4))
     return 0

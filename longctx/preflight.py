@@ -15,8 +15,9 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from longctx.attention import attention_implementation, sliding_window
-from longctx.checkpoint import check_resumable, resolve_resume
+from longctx.checkpoint import check_resumable, identity, resolve_resume
 from longctx.config import ConfigError, Recipe
+from longctx.curves import check_tensorboard
 from longctx.data import check_records
 from longctx.model import check_lora_targets, load_tokenizer, model_dir, model_key, scaled_config
 from longctx.rope import rope_parameters
@@ -27,7 +28,8 @@ PER_FORWARD_ROPE = ("dynamic", "longrope")
 
 def check_inputs(recipe: Recipe) -> None:
     """Raise ConfigError, one line naming the key, for a recipe that cannot run on its files."""
-    config, _ = scaled_config(recipe)  # every RoPE rule
+    config, rope = scaled_config(recipe)  # every RoPE rule
+    check_tensorboard(recipe)
     # the backend must run on the device DeepSpeed will pick (DS_ACCELERATOR, else CUDA when present)
     device = os.environ.get("DS_ACCELERATOR") or ("cuda" if torch.cuda.is_available() else "cpu")
     attention_implementation(recipe.attention.backend, device, training=True)
@@ -50,7 +52,7 @@ def check_inputs(recipe: Recipe) -> None:
         check_records(recipe.data.path)
     resume = resolve_resume(recipe.train.resume, Path(recipe.train.out_dir) / "checkpoints")
     if resume is not None:
-        check_resumable(resume, int(os.environ.get("WORLD_SIZE", "1")))
+        check_resumable(resume, int(os.environ.get("WORLD_SIZE", "1")), identity(recipe, rope))
     if "needle" in recipe.eval.at_end:
         from longctx.evaluation.reports import check_needle_lengths
 

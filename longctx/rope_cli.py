@@ -28,6 +28,9 @@ PARAM_FLAGS = ("factor", "theta", "beta_fast", "beta_slow", "mscale", "mscale_al
 LIST_FLAGS = ("short_factor", "long_factor")
 # recipe keys in rope's messages whose flag has another name
 FLAG_NAMES = {"target_length": "target"}
+# advice in rope's messages with no flag to match: the recipe keeps a model's own scaling with
+# rope.method=none, while `scale` always writes one (the model as it is needs no copy)
+CLI_ADVICE = {"Keep it with rope.method=none": "Keep it by using the model as it is (no `rope scale`)"}
 
 
 def parse_length(text: str) -> int:
@@ -67,26 +70,35 @@ def parse_floats(text: str) -> list[float]:
 
 def as_flags(message: str) -> str:
     """A rope message in recipe terms (`rope.beta_fast`) in this command's terms (`--beta-fast`)."""
+    for recipe_words, cli_words in CLI_ADVICE.items():
+        message = message.replace(recipe_words, cli_words)
     return re.sub(r"rope\.(\w+)", lambda m: "--" + FLAG_NAMES.get(m.group(1), m.group(1)).replace("_", "-"), message)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = ArgParser(prog="longctx rope", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgParser)
-    show = sub.add_parser("show", help="a model's RoPE setup and original context")
-    show.add_argument("model_dir")
-    show.add_argument("--json", action="store_true")
-    scale = sub.add_parser("scale", help="write a copy whose config carries a RoPE scaling")
-    scale.add_argument("model_dir")
+    p = ArgParser(prog="longctx rope")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgParser, help="what to do",
+                           metavar="{show,scale}")  # a missing command is then named with the allowed ones
+    show = sub.add_parser("show", help="a model's RoPE setup and original context",
+                          description="a model's RoPE setup: method, parameters, original context, wavelengths")
+    show.add_argument("model_dir", help="local model directory (its config.json is read)")
+    show.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    scale = sub.add_parser("scale", help="write a copy whose config carries a RoPE scaling",
+                           description=__doc__.split("\n\n")[1].replace("\n", " "))
+    scale.add_argument("model_dir", help="local model directory to copy")
     scale.add_argument("--target", type=parse_length, required=True, help="context to reach, e.g. 131072 or 128k")
-    scale.add_argument("--method", default="auto", choices=("auto",) + rope.METHODS)
+    scale.add_argument("--method", default="auto", choices=("auto",) + rope.METHODS,
+                       help="auto: yarn for an unscaled model, else the model's own method with a larger factor")
     scale.add_argument("--out", required=True, help="new model directory (must not exist)")
     scale.add_argument("--copy", action="store_true", help="copy weight files instead of linking them")
     scale.add_argument("--no-truncate", dest="truncate", action="store_false", default=None, help="yarn: no truncation")
-    for name in PARAM_FLAGS:
-        scale.add_argument(f"--{name.replace('_', '-')}", dest=name, type=rope_number(name))
+    meta = {f.name: f.metadata for f in fields(RopeSection)}
+    for name in PARAM_FLAGS:  # the recipe's words for rope.<name>, with its bound
+        scale.add_argument(f"--{name.replace('_', '-')}", dest=name, type=rope_number(name),
+                           help=f"{meta[name]['help']} (>= {meta[name]['min']})")
     for name in LIST_FLAGS:
-        scale.add_argument(f"--{name.replace('_', '-')}", dest=name, type=parse_floats, help="longrope: 1.0,1.1,...")
+        scale.add_argument(f"--{name.replace('_', '-')}", dest=name, type=parse_floats,
+                           help=f"{meta[name]['help']}, comma-separated (rotary_dim / 2 of them), e.g. 1.0,1.1,...")
     return p
 
 

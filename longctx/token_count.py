@@ -46,11 +46,12 @@ def main(argv: list[str]) -> int:
     from longctx.data import check_records, data_files
     from longctx.evaluation.common import parse_lengths
 
-    p = ArgParser(prog="longctx count-tokens", description=__doc__.splitlines()[0])
+    p = ArgParser(prog="longctx count-tokens")
     p.add_argument("path", help="a .jsonl/.json/.parquet/.txt file or a folder of them")
-    p.add_argument("--tokenizer", required=True)
-    p.add_argument("--lengths", default="4k,32k,128k")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--tokenizer", required=True, help="local tokenizer (or model) directory")
+    p.add_argument("--lengths", default="4k,32k,128k",
+                   help="count documents longer than each: 4096, 32k, 1m, comma-separated")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = p.parse_args(argv)
     if not Path(args.path).exists():
         raise ConfigError(f"path={args.path}: no such file or directory")

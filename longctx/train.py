@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from longctx import checkpoint, export, sequence_parallel
 from longctx.config import ConfigError, Recipe, to_yaml
+from longctx.curves import log_step, plot_curves
 from longctx.data import IGNORE_INDEX, Packed, WindowSampler, build_packed
 from longctx.launcher.dsconfig import build_ds_config, check_ds_config
 from longctx.launcher.topology import Topology
@@ -175,7 +176,7 @@ def train(recipe: Recipe, topo: Topology, run_dir: Path) -> dict:
     metrics = Metrics(run_dir / "metrics.jsonl", start, is_main)
     preempt = PreemptionFlag()
     bar = tqdm(total=t.max_steps, initial=start, desc="train", disable=not is_main, dynamic_ncols=True)
-    step, status, last_saved = start, "finished", None
+    step, status, last_saved = start, "finished", start if resume_from is not None else None
     while step < t.max_steps:
         began = time.perf_counter()
         # every rank of an sp group reads the same windows and keeps its shard of them
@@ -210,16 +211,20 @@ def train(recipe: Recipe, topo: Topology, run_dir: Path) -> dict:
             "peak_mem_gib": round(peak_memory_gib(device), 3),
         }
         metrics.write(row)
+        log_step(engine, row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", mem=f"{row['peak_mem_gib']:.1f}G")
         stop = preempt.agreed(device)
         if (t.save_every and step % t.save_every == 0) or stop or step == t.max_steps:
-            checkpoint.save(engine, ckpt_root, step, {"step": step, "tokens": tokens_seen}, t.keep_checkpoints)
+            checkpoint.save(engine, ckpt_root, step, {"step": step, "tokens": tokens_seen}, t.keep_checkpoints,
+                            checkpoint.identity(recipe, record["rope"]))
             last_saved = step
         if stop:
             status = "preempted"
             break
     bar.close()
+    if is_main and (run_dir / "metrics.jsonl").is_file():
+        plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     summary = {"status": status, "step": step, "last_checkpoint": last_saved, "run_dir": str(run_dir)}
     if status == "finished" and t.export:
         summary.update(export.export_run(engine, model, recipe, tokenizer, run_dir, is_main))

@@ -117,3 +117,40 @@ def test_chunk_command_windows_overlap_and_refusals(demo_dir, tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert main(["chunk", str(doc), "--tokenizer", str(tmp_path / "none"), "--window", "5"]) == 2
     assert "--tokenizer" in capsys.readouterr().err
+
+
+def test_chunk_cuts_each_record_of_a_data_file_and_semantic_rows_carry_token_spans(demo_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(demo_dir)
+    texts = ["# One\n\n" + "alpha beta gamma " * 40 + "\n\n" + "delta epsilon " * 30, "short record"]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n")
+    for mode in (["--window", "16", "--overlap", "4"], ["--semantic", "40"]):
+        out = tmp_path / f"chunks{mode[0]}.jsonl"
+        assert main(["chunk", str(data), "--tokenizer", str(demo_dir), *mode, "--out", str(out)]) == 0
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert not any('"text"' in r["text"] for r in rows)  # the records' texts, not the file's JSON
+        for document, text in enumerate(texts):
+            mine = [r for r in rows if r["document"] == document]
+            starts = token_starts(text, tok)
+            assert mine[0]["start"] == 0 and mine[-1]["end"] == len(starts)
+            for r in mine:
+                assert r["text"] == text[(starts + [len(text)])[r["start"]]:(starts + [len(text)])[r["end"]]]
+            if mode[0] == "--semantic":  # consecutive spans, rejoining to the record
+                assert all(a["end"] == b["start"] for a, b in zip(mine, mine[1:]))
+                assert "".join(r["text"] for r in mine) == text and all(r["end"] - r["start"] <= 40 for r in mine)
+    out = tmp_path / "chat-chunks.jsonl"
+    assert main(["chunk", str(chat), "--tokenizer", str(demo_dir), "--window", "64", "--out", str(out)]) == 0
+    assert [json.loads(line)["text"] for line in out.read_text().splitlines()] == ["hi\nhello"]
+
+
+def test_chunk_names_a_bad_line_of_a_data_file(demo_dir, tmp_path, capsys):
+    data = tmp_path / "docs.jsonl"
+    data.write_text('{"text": "a"}\n{"text": \n')
+    out = tmp_path / "chunks.jsonl"
+    assert main(["chunk", str(data), "--tokenizer", str(demo_dir), "--window", "8", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: file=") and f"{data}:2: not valid JSON" in err
+    assert not out.exists()

@@ -156,3 +156,32 @@ def test_packing_from_arrow_columns_equals_packing_documents_one_by_one(tokenize
     assert packed.documents == one_by_one.documents < len(docs)  # some documents are shorter than 300 tokens
     for name in ("input_ids", "position_ids", "labels"):
         np.testing.assert_array_equal(getattr(packed, name), getattr(one_by_one, name))
+
+
+@pytest.mark.parametrize("lines, expected", [
+    (['{"text": "a"}', '', '{"text": "b"}', '{"text": "c",}'], "bad.jsonl:4: not valid JSON (Expecting property name"),
+    (['{"text": "a"}', '["a", "list"]'], "bad.jsonl:2: a record is a JSON object {...}, not a list"),
+    (['{"text": "a"}', '{"txt": "b"}'], "bad.jsonl:2: no 'text' field, which the file's first record has"),
+    (['{"prompt": "q", "completion": "a"}', '{"prompt": "q"}'], "bad.jsonl:2: no 'completion' field"),
+])
+def test_a_bad_json_line_is_named_as_file_and_line(tmp_path, lines, expected):
+    from longctx.data import check_records
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as error:
+        check_records(str(path))
+    message = str(error.value)
+    assert message.startswith(f"data.path={str(path)!r}: cannot read json records: {path}:") and expected in message
+    assert "row" not in message and len(message.splitlines()) == 1
+
+
+def test_a_line_that_is_not_utf8_is_named_and_good_lines_pass(tmp_path):
+    from longctx.data import check_records
+
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ConfigError, match=r"docs.jsonl:3: not UTF-8"):
+        check_records(str(path))
+    path.write_text('{"text": "a"}\n\n{"text": "b", "extra": 1}\n')
+    assert check_records(str(path)) == "text"

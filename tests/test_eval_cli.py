@@ -121,3 +121,17 @@ def test_out_that_is_a_file_is_refused(tiny_model_dir, tmp_path, capsys):
     assert main(["eval", "ppl", "--model", str(tiny_model_dir), "--out", str(out)]) == 2
     assert f"--out {out}: a file, not a directory" in capsys.readouterr().err
     assert out.read_text() == "{}"
+
+
+@pytest.mark.parametrize("task, expected", [
+    ("middle", ["--reorder {none,first-last,reverse}[,...]", "(default: none,first-last,reverse)",
+                "questions per rank, each with new passages (>= 1) (default: 3)"]),
+    ("needle", ["fractions of the context in [0, 1], comma-separated (default: 0,0.25,0.5,0.75,1)",
+                "--retrieve {one,all}", "or every value (multi-value) (default: one)"]),
+    ("ppl", ["windows scored together (>= 1) (default: 4)", "report directory (default: out/eval-ppl)"]),
+])
+def test_help_of_each_task_shows_choices_and_defaults(capsys, task, expected):
+    with pytest.raises(SystemExit) as exit:
+        main(["eval", task, "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert exit.value.code == 0 and all(e in out for e in expected), out

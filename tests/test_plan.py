@@ -43,7 +43,7 @@ def test_lora_count_equals_peft_on_the_demo_model():
     recipe = load_recipe(str(ROOT / "recipes/demo-cpu.yaml"), ["lora.enabled=true", "lora.train_embeddings=false",
                                                                "lora.train_norms=false", "lora.r=8"])
     config, _ = scaled_config(recipe)
-    model = add_lora(build_model(recipe, config, torch.float32), recipe.lora)
+    model = add_lora(build_model(recipe, config, torch.float32, torch.device("cpu")), recipe.lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert ModelShape.from_config_dir(ROOT / "longctx/assets/demo-llama").lora_params(8, tuple(LORA_TARGETS_ALL)) == trainable
 

@@ -69,6 +69,19 @@ def test_missing_recipe_file_and_bad_yaml(tmp_path):
     assert proc.returncode == 2 and "not valid YAML" in proc.stderr
 
 
+@pytest.mark.parametrize("text, where, what", [
+    ("train: [unclosed\n", "2:1", "did not find expected ',' or ']'; while parsing a flow sequence at 1:8"),
+    ("train:\n  max_steps: 3\n   lr: 1\n", "3:6", "mapping values are not allowed in this context"),
+    ("train:\n  lr: 1\n  lr: 2\n", "3:3", "found duplicate key lr; while constructing a mapping at 2:3"),
+])
+def test_a_yaml_syntax_error_names_its_line_and_column(tmp_path, text, where, what):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_recipe(str(recipe))
+    assert str(error.value) == f"--config {recipe}:{where}: not valid YAML ({what})"
+
+
 def test_unknown_key_inside_recipe_file(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model:\n  config: longctx/assets/demo-llama\ntrain:\n  max_stepz: 3\n")
@@ -107,6 +120,7 @@ def test_text_keys_keep_the_text_as_typed():
     ('{"title": "no text field"}\n', "records need a 'text' field"),
     ("", "no records in it"),
     ("not json\n", "cannot read json records"),
+    ('{"text": "a"}\n{"text": "b"}\n{"text": "c",}\n', "docs.jsonl:3: not valid JSON"),  # 1-based, not pyarrow's row 2
 ])
 def test_data_records_are_checked_before_anything_is_written(tmp_path, content, expected):
     data, out = tmp_path / "docs.jsonl", tmp_path / "run"

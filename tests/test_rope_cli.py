@@ -1,6 +1,7 @@
 """`longctx rope show|scale`: readable output, a loadable scaled copy, one-line errors."""
 
 import json
+import re
 
 import pytest
 
@@ -71,3 +72,20 @@ def test_show_refuses_a_directory_without_a_config(tmp_path, capsys):
     assert main(["rope", "show", str(tmp_path)]) == 2
     assert "not a directory with a config.json" in capsys.readouterr().err
 
+
+
+def test_scale_advice_names_only_values_the_command_accepts(tiny_model_dir, tmp_path, capsys):
+    """A target below the model's own scaling: the advice may not send the user to `--method=none`,
+    which `scale` refuses (it always writes a scaling)."""
+    yarn = tmp_path / "yarn"
+    assert main(["rope", "scale", str(tiny_model_dir), "--target", "1k", "--method", "yarn", "--out", str(yarn)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "shrunk"
+    assert main(["rope", "scale", str(yarn), "--target", "512", "--method", "yarn", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "would shrink it" in err and not out.exists()
+    assert "Keep it by using the model as it is (no `rope scale`)" in err
+    accepted = ("auto",) + rope.METHODS
+    assert all(m in accepted for m in re.findall(r"--method[= ](\w+)", err)), err
+    assert main(["rope", "scale", str(yarn), "--target", "512", "--method", "none", "--out", str(out)]) == 2
+    assert "argument --method: invalid choice: 'none' (choose from 'auto', 'linear'" in capsys.readouterr().err

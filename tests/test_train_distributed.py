@@ -127,18 +127,18 @@ def test_zero3_export_loads_in_vanilla_transformers_with_the_trained_logits(tmp_
     # 1. DeepSpeed's own consolidation of the final ZeRO-3 checkpoint, loaded into the training model
     recipe = load_recipe(str(ROOT / "recipes/demo-cpu.yaml"), [*SMALL, f"train.out_dir={out}"])
     config, _ = scaled_config(recipe)
-    trained = add_lora(build_model(recipe, config, torch.float32), recipe.lora)
+    trained = add_lora(build_model(recipe, config, torch.float32, torch.device("cpu")), recipe.lora)
     state = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step-0000003")
     trained.load_state_dict({k.removeprefix("lm."): v for k, v in state.items()})
     # 2. the exported adapter on the same base
-    base = build_model(recipe, config, torch.float32)
+    base = build_model(recipe, config, torch.float32, torch.device("cpu"))
     adapted = PeftModel.from_pretrained(base, out / "adapter")
     with torch.no_grad():
         torch.testing.assert_close(trained.eval()(ids).logits, logits, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(adapted.eval()(ids).logits, logits, rtol=1e-4, atol=1e-4)
     # and training changed the model: the untrained base gives other logits
     with torch.no_grad():
-        assert (build_model(recipe, config, torch.float32)(ids).logits - logits).abs().max() > 1e-3
+        assert (build_model(recipe, config, torch.float32, torch.device("cpu"))(ids).logits - logits).abs().max() > 1e-3
 
 
 def test_parallel_auto_takes_the_planners_choice(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from longctx.chunking import STRATEGIES
 from longctx.cli import ArgParser
 from longctx.config import ConfigError
 from longctx.evaluation.common import (document_texts, load_model, model_name, parse_fractions, parse_lengths,
@@ -22,10 +23,14 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 def parser() -> ArgParser:
-    p = ArgParser(prog="longctx eval", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="task", required=True, parser_class=ArgParser)
+    p = ArgParser(prog="longctx eval")
+    sub = p.add_subparsers(dest="task", required=True, parser_class=ArgParser, help="which evaluation",
+                           metavar="{ppl,needle,middle}")  # a missing task is then named with the allowed ones
+    summaries = {"ppl": "perplexity of documents at each context length",
+                 "needle": "pass-key retrieval at each length and depth",
+                 "middle": "accuracy by the rank of the relevant passage (lost in the middle)"}
     for name in ("ppl", "needle", "middle"):
-        s = sub.add_parser(name, prog=f"longctx eval {name}")
+        s = sub.add_parser(name, prog=f"longctx eval {name}", help=summaries[name], description=summaries[name])
         s.add_argument("--model", action="append", required=True,
                        help="local model directory" + (" (repeat to compare models)" if name == "ppl" else ""))
         s.add_argument("--out", default=f"out/eval-{name}", help="report directory")
@@ -40,17 +45,21 @@ def parser() -> ArgParser:
             how = s.add_mutually_exclusive_group()
             how.add_argument("--score-last", type=int, default=0, help="score only the last N tokens of each window")
             how.add_argument("--stride", type=int, default=0, help="sliding windows every N tokens (N < every length)")
-            s.add_argument("--batch-size", type=int, default=4)
+            s.add_argument("--batch-size", type=int, default=4, help="windows scored together (>= 1)")
         if name == "needle":
-            s.add_argument("--depths", default="0,0.25,0.5,0.75,1")
-            s.add_argument("--trials", type=int, default=3, help="needles per cell, each with new keys")
+            s.add_argument("--depths", default="0,0.25,0.5,0.75,1",
+                           help="where the needle sits, fractions of the context in [0, 1], comma-separated")
+            s.add_argument("--trials", type=int, default=3, help="needles per cell, each with new keys (>= 1)")
             s.add_argument("--needles", type=int, default=1, help=f"1..{MAX_NEEDLES}; several: multi-key / multi-value")
-            s.add_argument("--retrieve", choices=("one", "all"), default="one")
+            s.add_argument("--retrieve", choices=("one", "all"), default="one",
+                           help="with several needles: ask for one key's value (multi-key) or every value (multi-value)")
         if name == "middle":
             s.add_argument("--passages", type=int, default=6, help=f"k passages, 2..{MAX_PASSAGES}")
             s.add_argument("--words", type=int, default=40, help="words of filler per passage")
-            s.add_argument("--trials", type=int, default=3)
-            s.add_argument("--reorder", default="none,first-last,reverse")
+            s.add_argument("--trials", type=int, default=3, help="questions per rank, each with new passages (>= 1)")
+            s.add_argument("--reorder", default=",".join(STRATEGIES), metavar="{" + ",".join(STRATEGIES) + "}[,...]",
+                           help="passage placements to compare, comma-separated: none (rank order), first-last (the "
+                                "best at both ends), reverse (the best next to the question)")
     return p
 
 
@@ -101,8 +110,6 @@ def check(args: argparse.Namespace) -> None:
         if not 1 <= args.needles <= MAX_NEEDLES:
             raise ConfigError(f"--needles={args.needles}: must be 1..{MAX_NEEDLES}")
     if args.task == "middle":
-        from longctx.chunking import STRATEGIES
-
         _at_least(args.trials, 1, "--trials")
         _at_least(args.words, 1, "--words")
         if not 2 <= args.passages <= MAX_PASSAGES:
