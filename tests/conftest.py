@@ -34,3 +34,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(DEMO).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M imported once per session from the packaged GGUF file (the set-up installs its package)."""
+    from longctx import cli
+
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m"
+    assert cli.main(["model", "import", "smollm2-135m", "--out", str(out)]) == 0
+    return out

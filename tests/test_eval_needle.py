@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, decoders, models
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from longctx.evaluation.common import first_numbers_match, greedy, token_stream
-from longctx.evaluation.needle import build_prompt, minimum_length, needle_grid, needles
+from longctx.evaluation.needle import build_prompt, minimum_length, needle_grid, needles, task_frame
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_needle_scores_one_when_given_the_answer(tiny, filler, n_needles, retrie
     report = needle_grid(oracle(tok), tok, filler, [128, 256], [0.0, 0.5, 1.0], trials=2, n_needles=n_needles,
                          retrieve=retrieve)
     assert np.array(report["scores"]).shape == (3, 2)
-    assert report["mean"] == 1.0
+    assert report["mean"] == 1.0 and report["prompt"] == "chat template"
     assert len(report["cells"]) == 12 and {"length", "depth", "answers", "output", "hit"} <= set(report["cells"][0])
     assert all(len(c["answers"]) == (n_needles if retrieve == "all" else 1) for c in report["cells"])
 
@@ -94,16 +94,39 @@ def test_exact_match_needs_the_whole_number():
 
 def test_prompt_has_the_exact_length_and_the_needle_at_its_depth(tiny, filler):
     _, tok = tiny
-    texts, question, _ = needles(["12345"], "one")
-    needle = tok(texts[0], add_special_tokens=False)["input_ids"]
-    q_len = len(tok(question, add_special_tokens=False)["input_ids"])
+    task = needles(["12345"], "one")
+    head, tail, _ = task_frame(tok, 1, "one")
+    needle = tok(task.texts[0], add_special_tokens=False)["input_ids"]
     for depth in (0.0, 0.3, 0.5, 1.0):
-        prompt = build_prompt(tok, filler, 300, depth, texts, question, random.Random(0))
-        assert len(prompt) == 300 and prompt[0] == tok.bos_token_id
+        prompt = build_prompt(tok, filler, 300, depth, task.texts, head, tail, random.Random(0))
+        assert len(prompt) == 300 and prompt[:len(head)] == head and prompt[-len(tail):] == tail
         at = next(i for i in range(len(prompt)) if prompt[i:i + len(needle)] == needle)
-        assert at == 1 + round(depth * (300 - 1 - len(needle) - q_len))  # after bos, at that depth of the filler
-    with pytest.raises(ValueError, match="too short"):  # bos, needle and question fill it: no filler token left
-        build_prompt(tok, filler, 1 + len(needle) + q_len, 0.5, texts, question, random.Random(0))
+        assert at == len(head) + round(depth * (300 - len(head) - len(needle) - len(tail)))  # its depth of the filler
+    with pytest.raises(ValueError, match="too short"):  # the frame and the needle fill it: no filler token left
+        build_prompt(tok, filler, len(head) + len(needle) + len(tail), 0.5, task.texts, head, tail, random.Random(0))
+
+
+def test_the_prompt_says_what_is_hidden_and_asks_apart_from_the_haystack(tiny):
+    """Through the chat template (one user turn, the answer opening the assistant's turn), or as plain text with
+    the question marked off: a question glued to the haystack reads as more haystack."""
+    _, tok = tiny
+    head, tail, how = task_frame(tok, 1, "one")
+    assert how == "chat template"
+    assert tok.decode(head).startswith("<|bos|>user\nThere is a pass key hidden in the following text.")
+    question = "What is the pass key? Answer with the number."
+    assert tok.decode(tail) == f"\n\n{question}<|eos|><|bos|>assistant\nThe pass key is"
+    head, tail, how = task_frame(tok, 1, "one", chat_template=False)
+    assert how == "plain" and head[0] == tok.bos_token_id
+    assert tok.decode(head[1:]).endswith("I will quiz you about the pass key.\n\n")
+    assert tok.decode(tail) == "\n\nQuestion: What is the pass key? Answer with the number.\nAnswer: The pass key is"
+
+
+def test_a_chat_template_that_drops_the_message_gives_the_plain_prompt(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = "{{ bos_token }}{% if add_generation_prompt %}assistant: {% endif %}"
+    assert task_frame(tok, 1, "one")[2] == "plain"
+    tok.chat_template = None
+    assert task_frame(tok, 1, "one")[2] == "plain"
 
 
 @pytest.mark.parametrize("n_needles, retrieve", [(1, "one"), (3, "one"), (3, "all")])
