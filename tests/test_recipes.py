@@ -1,0 +1,45 @@
+"""Every shipped recipe starts as shipped: its preflight passes on the world it names, with the embedded data."""
+
+from pathlib import Path
+
+import pytest
+
+from longctx.config import load_recipe
+from longctx.corpus import HELD_OUT, held_out_prose, passkey_documents, stdlib_packages
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_each_recipe_passes_its_preflight_on_the_world_it_names(path, monkeypatch, smollm2_dir):
+    from longctx.preflight import check_inputs
+    from longctx.sequence_parallel import check_recipe
+
+    overrides = [f"model.path={smollm2_dir}"] if "smollm2" in path.stem else []
+    recipe = load_recipe(str(path), overrides)
+    world = max(recipe.parallel.sp, 2 if path.stem == "demo-cpu" else 1)  # sp ranks, or the demo's 2 CPU ranks
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    check_recipe(recipe, world)
+    check_inputs(recipe)  # RoPE rules, tokenizer, LoRA targets, attention, checkpoint: raises ConfigError
+
+
+def test_a_config_only_recipe_takes_a_real_model_from_the_command_line(tmp_path):
+    path = ROOT / "recipes" / "llama3-8b-lora-1gpu.yaml"
+    (tmp_path / "config.json").write_text((ROOT / "longctx" / "assets" / "llama-3.1-8b" / "config.json").read_text())
+    recipe = load_recipe(str(path), [f"model.path={tmp_path}"])
+    assert recipe.model.path == str(tmp_path) and recipe.model.config is None
+
+
+def test_package_documents_are_long_and_the_evaluation_prose_is_not_among_them():
+    docs = list(stdlib_packages())
+    assert len(docs) > 20 and HELD_OUT not in {d["source"].split("/")[1] for d in docs}
+    assert max(len(d["text"]) for d in docs) > 1_000_000  # millions of characters: far past 64K tokens
+    prose = " ".join(held_out_prose())
+    assert len(prose) > 300_000 and not any(prose[:200] in d["text"] for d in docs)
+
+
+def test_long_passkey_documents_span_a_quarter_to_all_of_their_length():
+    lengths = [len(d["text"]) for d in passkey_documents(40, seed=0, tokens=65536)]
+    assert min(lengths) > 65536 // 4 * 3 and max(lengths) < 65536 * 4  # about 4 characters per token
+    assert max(lengths) > 2 * min(lengths)
