@@ -34,11 +34,23 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
+def first_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("lifecycle") / "run"
     proc = run_launcher("--config", DEMO, *TINY, f"train.out_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    return out, proc
+
+
+@pytest.fixture(scope="module")
+def finished_run(first_run) -> Path:
+    return first_run[0]
+
+
+def test_a_run_prints_no_deprecation_or_op_build_noise(first_run):
+    _, proc = first_run
+    text = proc.stdout + proc.stderr
+    assert "FutureWarning" not in text and "built successfully" not in text, text[-3000:]
+    assert (first_run[0] / "curves.png").is_file()
 
 
 def written(out: Path) -> dict:
@@ -116,3 +128,31 @@ def test_a_master_port_in_use_is_refused_at_once(tmp_path):
                                            env={"MASTER_PORT": str(port)}))
     assert line.startswith(f"error: MASTER_PORT={port}: another process (another run?) listens on it")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_start_waiting_on_an_op_build_lock_names_it(tmp_path, monkeypatch, capsys):
+    import time
+
+    from longctx.launcher.topology import warn_on_build_locks
+
+    lock = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    warn_on_build_locks(after_s=0.05)
+    time.sleep(0.5)
+    err = capsys.readouterr().err
+    assert f"an op build holds {lock}" in err and f"rm {lock}" in err
+    warn_on_build_locks(after_s=0.05).cancel()  # a start that got past the build says nothing
+    time.sleep(0.2)
+    assert capsys.readouterr().err == ""
+
+
+def test_the_set_up_pins_every_dependency():
+    import re
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=!~ \[]", d, maxsplit=1)[0].lower() for d in deps} - {"torch", "triton"}
+    pinned = {line.split("==")[0].lower() for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line}
+    assert names <= pinned, names - pinned
