@@ -175,6 +175,8 @@ def report(run_dir: Path, last_checkpoint: int | None) -> str:
         f"loss          {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']})",
         f"metrics       {run_dir / 'metrics.jsonl'}",
     ]
+    if (run_dir / "curves.png").is_file():
+        lines.append(f"curves        {run_dir / 'curves.png'}")
     if last_checkpoint is not None:
         lines.append(f"checkpoint    {run_dir / 'checkpoints' / tag_for(last_checkpoint)}")
     for name, text in (("hf", "model (HF)"), ("adapter", "adapter"), ("eval", "evaluation")):

@@ -96,7 +96,10 @@ def saved_step(path: Path) -> int:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain values, so that it loads with torch.load(weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -104,7 +107,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -136,5 +140,5 @@ def save(engine: DeepSpeedEngine, root: Path, step: int, client_state: dict, kee
 def load(engine: DeepSpeedEngine, path: Path) -> dict:
     """Restore engine states and this rank's RNG; returns the client state saved with them."""
     _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
-    _set_rng_state(torch.load(path / f"rng-rank{dist.get_rank()}.pt", weights_only=False))
+    _set_rng_state(torch.load(path / f"rng-rank{dist.get_rank()}.pt", weights_only=True))
     return client_state

@@ -76,6 +76,7 @@ def test_a_finished_run_started_again_says_so_and_trains_nothing(finished_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "already trained to step 2 (train.max_steps=2); nothing to do" in proc.stdout
     assert str(finished_run / "checkpoints" / "step-0000002") in proc.stdout
+    assert str(finished_run / "curves.png") in proc.stdout
     assert written(finished_run) == before
 
 
