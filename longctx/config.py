@@ -75,17 +75,19 @@ class AttentionSection:
 @dataclass
 class DataSection:
     path: Optional[str] = _f(None, "jsonl/json/parquet/txt file or a folder of them; "
-                             "empty = the embedded corpus (Python sources + passkey documents)")
+                             "empty = the embedded corpus (Python sources + passkey episodes)")
     seq_len: int = _f(1024, "tokens per packed training sequence", min=8)
     min_doc_tokens: int = _f(0, "drop documents shorter than this many tokens", min=0)
     max_documents: Optional[int] = _f(None, "use at most this many documents (embedded corpus: module files or "
-                                      "packages; the passkey documents come on top)", min=1)
+                                      "packages; the passkey episodes come on top)", min=1)
     corpus_unit: str = _f("files", "embedded corpus: one document per standard-library module file, or per "
                           "package (its files joined: documents of 10K to 5M tokens, for long targets)",
                           choices=["files", "packages"])
-    passkey_documents: int = _f(64, "embedded corpus: number of synthetic passkey documents", min=0)
-    passkey_tokens: int = _f(0, "embedded corpus: about how many tokens each passkey document has; 0 = short "
-                             "ones (200 to 1,400 tokens)", min=0)
+    passkey_documents: int = _f(64, "embedded corpus: at least this many passkey episodes (the passkey "
+                                "evaluation's prompt over training text, loss on the key only), in windows of "
+                                "their own", min=0)
+    passkey_tokens: int = _f(0, "embedded corpus: the longest passkey episode, in tokens (lengths are "
+                             "log-uniform from 1/32 of it); 0 = data.seq_len", min=0)
     num_proc: int = _f(2, "tokenizer processes", min=1)
 
 

@@ -3,21 +3,24 @@
 The Python standard library's own sources are long, varied, human-written text and exist
 wherever Python does, so the demo and the tests need no download: one document per module
 file, or one per package (its files joined: 10K to 5M tokens, documents as long as a
-long-context target). Passkey documents add a retrieval signal: a number stated at a random
-depth, asked for at the end. Held out of training: the English prose of Python's own
-documentation topics (`pydoc_data`), which the evaluations read.
+long-context target). Passkey episodes add a retrieval signal: a number stated at a random
+depth of training text, asked for at the end, in the evaluation's own prompt. Held out of
+training: the English prose of Python's own documentation topics (`pydoc_data`), which the
+evaluations read.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import sysconfig
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-FILLER = (
-    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-)
+import numpy as np
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def stdlib_sources(max_files: int | None = None) -> Iterator[dict]:
@@ -31,13 +34,15 @@ def stdlib_sources(max_files: int | None = None) -> Iterator[dict]:
 
 
 HELD_OUT = "pydoc_data"  # never a training document: evaluation text
-FILLER_CHARS_PER_TOKEN = 4  # about, for FILLER under common BPE tokenizers: sizes passkey documents
+# machine-made tables (the `encodings` codecs' character maps): near-zero loss, nothing to learn
+NOT_PROSE_OR_CODE = {"encodings"}
 
 
 def stdlib_packages(max_packages: int | None = None) -> Iterator[dict]:
     """One document per standard-library package, its modules joined in path order, each under a header line."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    packages = sorted(p for p in root.iterdir() if (p / "__init__.py").is_file() and p.name != HELD_OUT)
+    packages = sorted(p for p in root.iterdir() if (p / "__init__.py").is_file() and p.name != HELD_OUT
+                      and p.name not in NOT_PROSE_OR_CODE)
     for package in packages[:max_packages]:
         parts = [f"# {path.relative_to(root)}\n{path.read_text(encoding='utf-8', errors='replace')}"
                  for path in sorted(package.rglob("*.py"))]
@@ -51,31 +56,47 @@ def held_out_prose() -> list[str]:
     return [topics[name] for name in sorted(topics)]
 
 
-def passkey_document(rng: random.Random, n_filler: int) -> tuple[str, str]:
-    """A filler text hiding `The pass key is N.` at a random depth, framed as the passkey evaluation asks
-    (what to find before the text, the question after it); returns (text, key)."""
-    key = str(rng.randint(10000, 99999))
-    before = rng.randint(0, n_filler)
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
-    body = FILLER * before + needle + FILLER * (n_filler - before)
-    return (f"There is a pass key hidden in the following text. Find it and memorize it. I will quiz you about "
-            f"the pass key.\n\n{body}\n\nWhat is the pass key? The pass key is {key}."), key
+def passkey_episodes(tokenizer: PreTrainedTokenizerBase, haystack: np.ndarray, count: int, seq_len: int,
+                     max_tokens: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """At least `count` passkey episodes filling whole windows of `seq_len`: (token ids, loss mask, lengths).
 
+    An episode is the evaluation's passkey prompt (`longctx.evaluation.needle`: instruction, haystack with the key
+    at a uniform depth, question, the answer opened in the model's chat template) followed by the key: only the key
+    and the end of the turn carry loss, so a window of episodes trains retrieval alone, at full strength. The
+    haystack is training text (`haystack`, token ids), never the evaluations' prose. Lengths are log-uniform from
+    1/32 of `max_tokens` to all of it and depths uniform, so keys are asked for from every distance; a window's
+    last episode takes what is left of it, so no episode is cut by a window boundary."""
+    from longctx.config import ConfigError
+    from longctx.evaluation.needle import build_prompt, minimum_length, needles, task_frame
 
-def passkey_documents(count: int, seed: int = 0, tokens: int = 0) -> Iterator[dict]:
-    """`count` passkey documents of a quarter of `tokens` up to about all of it, so keys are asked for from every
-    distance (`tokens` 0: short ones, 200 to 1,400 tokens)."""
     rng = random.Random(seed)
-    per_filler = len(FILLER) // FILLER_CHARS_PER_TOKEN
-    for i in range(count):
-        n_filler = rng.randint(tokens // 4, tokens * 15 // 16) // per_filler if tokens else rng.randint(8, 64)
-        text, _ = passkey_document(rng, n_filler=n_filler)
-        yield {"text": text, "source": f"passkey/{i}"}
+    head, tail, _ = task_frame(tokenizer, 1, "one")
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    shortest = minimum_length(tokenizer, 1, "one") + 8  # + room for the longest key's answer tokens
+    if seq_len < shortest:
+        raise ConfigError(f"data.seq_len={seq_len}: a passkey episode needs at least {shortest} tokens "
+                          f"(or data.passkey_documents=0)")
+    longest = min(max_tokens or seq_len, seq_len)
+    low = max(shortest, longest // 32)
+    haystack = np.resize(haystack, max(len(haystack), seq_len))  # a small corpus repeats
+    ids, mask, lengths, total = [], [], [], 0
+    while len(lengths) < count or total % seq_len:
+        left = seq_len - total % seq_len
+        length = round(math.exp(rng.uniform(math.log(low), math.log(max(low, longest)))))
+        if length > left - low:  # what would be left is shorter than any episode: take it all
+            length = left
+        key = str(rng.randint(10000, 99999))
+        answer = tokenizer(f" {key}.", add_special_tokens=False)["input_ids"] + eos
+        start = rng.randint(0, len(haystack) - length)
+        prompt = build_prompt(tokenizer, haystack[start:start + length].tolist(), length - len(answer),
+                              rng.random(), needles([key], "one").texts, head, tail, rng)
+        ids.append(np.asarray(prompt + answer, dtype=np.int64))
+        mask.append(np.repeat([False, True], [len(prompt), len(answer)]))
+        lengths.append(length)
+        total += length
+    return np.concatenate(ids), np.concatenate(mask), np.asarray(lengths, dtype=np.int64)
 
 
-def embedded_corpus(passkeys: int, seed: int = 0, max_documents: int | None = None, unit: str = "files",
-                    passkey_tokens: int = 0) -> list[dict]:
-    """At most `max_documents` standard-library documents (one per module file, or one per package), then
-    `passkeys` passkey documents of about `passkey_tokens` tokens."""
-    sources = stdlib_sources(max_documents) if unit == "files" else stdlib_packages(max_documents)
-    return list(sources) + list(passkey_documents(passkeys, seed, passkey_tokens))
+def embedded_corpus(max_documents: int | None = None, unit: str = "files") -> list[dict]:
+    """At most `max_documents` standard-library documents: one per module file, or one per package."""
+    return list(stdlib_sources(max_documents) if unit == "files" else stdlib_packages(max_documents))

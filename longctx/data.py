@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from longctx.config import ConfigError, DataSection
-from longctx.corpus import embedded_corpus
+from longctx.corpus import embedded_corpus, passkey_episodes
 
 if TYPE_CHECKING:
     import datasets
@@ -106,9 +106,8 @@ def load_documents(section: DataSection, seed: int) -> datasets.Dataset:
     """A `datasets.Dataset` of records: local files, or the embedded corpus."""
     import datasets
 
-    if section.path is None:  # max_documents counts the source files: the passkey documents come on top
-        return datasets.Dataset.from_list(embedded_corpus(section.passkey_documents, seed, section.max_documents,
-                                                          section.corpus_unit, section.passkey_tokens))
+    if section.path is None:
+        return datasets.Dataset.from_list(embedded_corpus(section.max_documents, section.corpus_unit))
     builder, files = data_files(section.path)
     # a .txt file is one document, not one per line
     kwargs = {"sample_by": "document"} if builder == "text" else {}
@@ -228,10 +227,16 @@ def build_packed(section: DataSection, tokenizer: PreTrainedTokenizerBase, seed:
     import pyarrow.compute as pc
 
     table = tokenized.with_format("arrow")[:]
-    packed = pack_tokens(pc.list_flatten(table["input_ids"]).to_numpy().astype(np.int64),
-                         pc.list_flatten(table["loss_mask"]).to_numpy().astype(bool),
+    ids = pc.list_flatten(table["input_ids"]).to_numpy().astype(np.int64)
+    packed = pack_tokens(ids, pc.list_flatten(table["loss_mask"]).to_numpy().astype(bool),
                          pc.list_value_length(table["input_ids"]).to_numpy().astype(np.int64),
                          section.seq_len, section.min_doc_tokens)
+    if section.path is None and section.passkey_documents:
+        haystack = ids[~np.isin(ids, tokenizer.all_special_ids)]
+        episodes = pack_tokens(*passkey_episodes(tokenizer, haystack, section.passkey_documents, section.seq_len,
+                                                 section.passkey_tokens, seed), section.seq_len)
+        packed = Packed(*(np.concatenate([getattr(packed, k), getattr(episodes, k)])
+                          for k in ("input_ids", "position_ids", "labels")), packed.documents + episodes.documents)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, **{k: v for k, v in asdict(packed).items()})

@@ -7,6 +7,7 @@ output is committed; this module is how it was made (`python -m longctx.demo_ass
 from __future__ import annotations
 
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -24,6 +25,24 @@ CHAT_TEMPLATE = (
 )
 
 
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+def passkey_texts(count: int, seed: int = 0) -> list[str]:
+    """Short passkey documents in plain text: the tokenizer learns their words and digits."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(count):
+        n_filler = rng.randint(8, 64)
+        key = str(rng.randint(10000, 99999))
+        before = rng.randint(0, n_filler)
+        body = FILLER * before + f"The pass key is {key}. Remember it. {key} is the pass key. " + \
+            FILLER * (n_filler - before)
+        texts.append(f"There is a pass key hidden in the following text. Find it and memorize it. I will quiz "
+                     f"you about the pass key.\n\n{body}\n\nWhat is the pass key? The pass key is {key}.")
+    return texts
+
+
 def build_tokenizer(vocab_size: int = 4096) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -33,7 +52,8 @@ def build_tokenizer(vocab_size: int = 4096) -> PreTrainedTokenizerFast:
         special_tokens=list(SPECIAL.values()),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator((d["text"] for d in embedded_corpus(passkeys=256)), trainer=trainer)
+    texts = [d["text"] for d in embedded_corpus()] + passkey_texts(256)
+    tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHAT_TEMPLATE, **SPECIAL)
 
 

@@ -120,19 +120,23 @@ def test_unsupported_files_and_fields_are_refused(tmp_path, tokenizer):
         build_packed(DataSection(path=str(tmp_path / "b.jsonl")), tokenizer, 0, str(tmp_path / "c"))
 
 
-def test_embedded_corpus_has_long_documents_and_passkeys(tokenizer, tmp_path):
+def test_embedded_corpus_has_long_documents_and_passkey_windows(tokenizer, tmp_path):
     section = DataSection(seq_len=512, max_documents=None, passkey_documents=8, num_proc=1)
     packed = build_packed(section, tokenizer, seed=0, cache_dir=str(tmp_path))
-    assert len(packed) > 100
-    assert packed.position_ids.max() == 511  # documents longer than a window exist
+    text = build_packed(DataSection(seq_len=512, passkey_documents=0, num_proc=1), tokenizer, 0, str(tmp_path))
+    assert len(text) > 100 and text.position_ids.max() == 511  # documents longer than a window exist
+    np.testing.assert_array_equal(packed.input_ids[:len(text)], text.input_ids)
+    episodes = packed.labels[len(text):]
+    assert len(episodes) >= 1 and packed.documents - text.documents >= 8
+    # an episode window carries loss on its keys alone: a handful of tokens per episode
+    assert 0 < (episodes != IGNORE_INDEX).sum() <= 12 * (packed.documents - text.documents)
 
 
-def test_max_documents_caps_the_source_files_and_keeps_the_passkeys():
+def test_max_documents_caps_the_source_files():
     from longctx.data import load_documents
 
     docs = load_documents(DataSection(max_documents=3, passkey_documents=5), seed=0)
-    sources = [s.split("/")[0] for s in docs["source"]]
-    assert sources == ["stdlib"] * 3 + ["passkey"] * 5
+    assert [s.split("/")[0] for s in docs["source"]] == ["stdlib"] * 3
 
 
 def test_sampler_is_a_pure_function_of_step_and_covers_each_epoch():
@@ -148,7 +152,7 @@ def test_sampler_is_a_pure_function_of_step_and_covers_each_epoch():
 def test_packing_from_arrow_columns_equals_packing_documents_one_by_one(tokenizer, tmp_path):
     from longctx.data import load_documents, record_format
 
-    section = DataSection(seq_len=256, max_documents=5, passkey_documents=6, min_doc_tokens=300, num_proc=1)
+    section = DataSection(seq_len=256, max_documents=5, passkey_documents=0, min_doc_tokens=300, num_proc=1)
     packed = build_packed(section, tokenizer, seed=0, cache_dir=str(tmp_path))
     docs = load_documents(section, seed=0)
     fmt = record_format(docs.column_names, None)

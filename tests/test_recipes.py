@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from longctx.config import load_recipe
-from longctx.corpus import HELD_OUT, held_out_prose, passkey_documents, stdlib_packages
+from longctx.corpus import HELD_OUT, NOT_PROSE_OR_CODE, held_out_prose, passkey_episodes, stdlib_packages
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -39,7 +39,27 @@ def test_package_documents_are_long_and_the_evaluation_prose_is_not_among_them()
     assert len(prose) > 300_000 and not any(prose[:200] in d["text"] for d in docs)
 
 
-def test_long_passkey_documents_span_a_quarter_to_all_of_their_length():
-    lengths = [len(d["text"]) for d in passkey_documents(40, seed=0, tokens=65536)]
-    assert min(lengths) > 65536 // 4 * 3 and max(lengths) < 65536 * 4  # about 4 characters per token
-    assert max(lengths) > 2 * min(lengths)
+def test_passkey_episodes_ask_the_evaluation_question_over_training_text_at_every_distance(smollm2_dir):
+    import re
+
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from longctx.evaluation.needle import needles
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    haystack = np.asarray(tok(stdlib_packages(1).__next__()["text"][:200_000], add_special_tokens=False)["input_ids"])
+    ids, mask, lengths = passkey_episodes(tok, haystack, count=40, seq_len=65536, max_tokens=0, seed=0)
+    assert len(lengths) >= 40 and lengths.sum() % 65536 == 0 and len(ids) == len(mask) == lengths.sum()
+    assert lengths.min() >= 65536 // 32 and lengths.max() > 65536 // 2  # from 2K to the whole window
+    task = needles(["0"], "one")
+    for episode, loss in zip(np.split(ids, np.cumsum(lengths)[:-1]), np.split(mask, np.cumsum(lengths)[:-1])):
+        prompt, answer = tok.decode(episode[~loss]), tok.decode(episode[loss])
+        key = re.fullmatch(r" (\d{5})\.\S*", answer).group(1)  # the key, then the end of the turn
+        assert loss[-len(episode[loss]):].all()  # the answer closes the episode: nothing after it carries loss
+        assert task.instruction in prompt and prompt.rstrip().endswith(task.answer_start)
+        assert f"The pass key is {key}. Remember it." in prompt
+
+
+def test_codec_tables_are_not_training_documents():
+    assert not NOT_PROSE_OR_CODE & {d["source"].split("/")[1] for d in stdlib_packages()}
