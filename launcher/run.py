@@ -17,7 +17,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from longctx.checkpoint import resolve_resume, saved_step, tag_for
 from longctx.cli import ArgParser
@@ -102,6 +102,15 @@ def refuse(error: Exception) -> int:
     return 2
 
 
+def stopped(line: str | None) -> NoReturn:
+    """A run that met a fault mid-way: one line (None: another rank says it), no traceback, and a status a
+    scheduler sees as failed. The process ends at once: the other ranks may be stuck in a collective that
+    would hold its exit."""
+    if line is not None:
+        print(f"\nerror: {line}", file=sys.stderr, flush=True)  # on a line of its own, after any progress bar
+    os._exit(1)
+
+
 def completed(recipe: Recipe) -> Path | None:
     """The checkpoint of a run already trained to train.max_steps whose results are written, if this is one."""
     run_dir = Path(recipe.train.out_dir)
@@ -144,17 +153,26 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     from longctx.launcher.topology import init_topology
-    from longctx.train import train
+    from longctx.progress import Progress, collective_failure
+    from longctx.train import RunStopped, train
 
-    topo = init_topology(recipe.parallel.sp)
+    topo = init_topology(recipe.parallel.sp, recipe.parallel.timeout_s)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
+    progress = Progress(run_dir, rank)
     try:
-        summary = train(recipe, topo, run_dir)
+        summary = train(recipe, topo, run_dir, progress)
     except ConfigError as e:  # a rule only the loaded data can check (e.g. too few tokens for one window)
         if rank == 0 and created:  # a refused run leaves nothing behind
             shutil.rmtree(run_dir, ignore_errors=True)
         return refuse(e)
+    except RunStopped as e:  # an OOM or a full disk may hit one rank only: each rank it hits says it
+        return stopped(str(e) if rank == 0 or not e.shared else None)
+    except RuntimeError as e:
+        line = collective_failure(e, progress, recipe.parallel.timeout_s)
+        if line is None:
+            raise
+        return stopped(line)
     if rank == 0:
         print(f"{summary['status']} at step {summary['step']}\n{report(run_dir, summary['last_checkpoint'])}")
         for name, line in summary.get("eval", {}).items():

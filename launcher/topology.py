@@ -22,6 +22,7 @@ from types import ModuleType
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,11 @@ def warn_on_build_locks(after_s: float = 10.0) -> threading.Timer:
     return timer
 
 
-def init_topology(sp: int) -> Topology:
-    """Start the process group (DeepSpeed's comm backend: NCCL on GPUs, gloo on CPU) and the sp groups."""
+def init_topology(sp: int, timeout_s: int = 1800) -> Topology:
+    """Start the process group (DeepSpeed's comm backend: NCCL on GPUs, gloo on CPU) and the sp groups; a
+    collective that waits longer than `timeout_s` for a rank raises instead of waiting for ever."""
+    from datetime import timedelta
+
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -111,8 +115,12 @@ def init_topology(sp: int) -> Topology:
     # On CPU, DeepSpeed builds (or loads) its shared-memory all-reduce op here and prints a line each run
     watchdog = warn_on_build_locks()
     with contextlib.redirect_stdout(io.StringIO()):
-        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False)
+        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False,
+                                   timeout=timedelta(seconds=timeout_s))
     watchdog.cancel()
+    # DeepSpeed makes groups of its own (a clone of the world for data parallelism, the sp groups) without a
+    # timeout, and torch gives such a group its module default (30 min), not the world's: make that default ours
+    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     if accelerator.device_name() == "cpu":
         _unlink_shared_memory(rank)

@@ -2,16 +2,20 @@
 
 DeepSpeed writes the model, optimizer and scheduler states of a tag; we add each rank's RNG
 state and, only after every rank has finished, a COMPLETE marker and an atomically replaced
-`latest` file. A crash mid-write leaves a tag without the marker, which resume skips.
+`latest` file. A crash mid-write leaves a tag without the marker, which resume skips. The
+marker records every file's size and CRC-32: a resume checks them and refuses, naming the file,
+a checkpoint whose bytes changed since (torch.load would read flipped tensor bytes silently).
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
 import random
 import shutil
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from longctx.config import ConfigError, Recipe
+from longctx.fault_injection import inject
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -114,21 +119,88 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class DiskFull(RuntimeError):
+    """A checkpoint did not fit on its filesystem; the message is one line for the user."""
+
+
+def _files_of(tag_dir: Path) -> list[Path]:
+    return sorted(p for p in tag_dir.iterdir() if p.is_file() and p.name != MARKER)
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while block := f.read(1 << 24):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _my_share(files: list[Path]) -> list[Path]:
+    """This rank's part of a checkpoint's files, so that checksumming one costs each rank 1/world of it."""
+    return files[dist.get_rank()::dist.get_world_size()]
+
+
+def _gathered(mine: Any) -> list[Any]:
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return every
+
+
+def _manifest(tag_dir: Path) -> dict[str, list[int]]:
+    """Size and CRC-32 of every file of a written tag: torch.load reads a flipped byte of tensor data silently."""
+    parts = _gathered({p.name: [p.stat().st_size, _crc32(p)] for p in _my_share(_files_of(tag_dir))})
+    return {name: entry for part in parts for name, entry in sorted(part.items())}
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _disk_full(tag_dir: Path, root: Path) -> DiskFull:
+    """The line for a write that failed for want of space; the partial tag goes, to give back what it took."""
+    written = _tree_bytes(tag_dir) if tag_dir.is_dir() else 0
+    shutil.rmtree(tag_dir, ignore_errors=True)
+    previous = complete_checkpoints(root)
+    needed = f"about {_tree_bytes(previous[-1]):,} bytes (the size of {previous[-1].name})" if previous else \
+        f"more than the {written:,} bytes it had written"
+    kept = f"{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+    return DiskFull(f"no space left on the device of {tag_dir}: a checkpoint needs {needed}, "
+                    f"{shutil.disk_usage(root).free:,} bytes are free; {kept}; free space and run the same command "
+                    f"to resume")
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip() or type(error).__name__).splitlines()[0]
+
+
 def save(engine: DeepSpeedEngine, root: Path, step: int, client_state: dict, keep: int,
          run_identity: dict[str, Any]) -> Path:
-    """Write the checkpoint of `step` on every rank, with the `identity` of the run; returns its directory."""
+    """Write the checkpoint of `step` on every rank, with the `identity` of the run; returns its directory.
+    Raises DiskFull when its filesystem has no room for it."""
     tag = tag_for(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     rank = dist.get_rank()
-    torch.save(_rng_state(), root / tag / f"rng-rank{rank}.pt")
+    if rank == 0 and (root / tag).exists():  # a tag of an abandoned history (a resume from an older one)
+        shutil.rmtree(root / tag)
     dist.barrier()
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+        inject("checkpoint-states", step, rank)
+        torch.save(_rng_state(), root / tag / f"rng-rank{rank}.pt")
+        inject("checkpoint-rng", step, rank)
+    except (OSError, RuntimeError) as e:  # torch.save's failed write is a RuntimeError without an errno
+        if shutil.disk_usage(root).free >= (1 << 20) and getattr(e, "errno", None) != errno.ENOSPC:
+            raise
+        raise _disk_full(root / tag, root) from None
+    dist.barrier()
+    files = _manifest(root / tag)
     if rank == 0:
         (root / tag / IDENTITY).write_text(json.dumps(run_identity, indent=1))
-        (root / tag / MARKER).write_text(json.dumps(client_state))
-        tmp = root / "latest.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, root / "latest")
-        for old in complete_checkpoints(root)[:-keep]:
+        files[IDENTITY] = [(root / tag / IDENTITY).stat().st_size, _crc32(root / tag / IDENTITY)]
+        _replace_text(root / tag / MARKER, json.dumps({**client_state, "files": files}))
+        inject("checkpoint-marker", step, rank)
+        _replace_text(root / "latest", tag)
+        # the newest `keep` complete ones up to this step stay; newer tags are another history's, left to the user
+        for old in [p for p in complete_checkpoints(root) if p.name <= tag][:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         for left in root.glob("step-*"):  # tags a crash left unfinished before this one: never resumed
             if left.is_dir() and left.name < tag and not (left / MARKER).exists():
@@ -137,8 +209,50 @@ def save(engine: DeepSpeedEngine, root: Path, step: int, client_state: dict, kee
     return root / tag
 
 
-def load(engine: DeepSpeedEngine, path: Path) -> dict:
-    """Restore engine states and this rank's RNG; returns the client state saved with them."""
-    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
-    _set_rng_state(torch.load(path / f"rng-rank{dist.get_rank()}.pt", weights_only=True))
+def _replace_text(path: Path, text: str) -> None:
+    """Write a whole file or none of it: a kill mid-write leaves the old one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def damaged_files(path: Path) -> list[str]:
+    """What is wrong with a complete checkpoint's files against the sizes and checksums its marker records,
+    one phrase per bad file, checked by every rank for its share (a checkpoint written before the marker
+    recorded them passes)."""
+    recorded = json.loads((path / MARKER).read_text()).get("files", {})
+    names = sorted(recorded)
+    mine = []
+    for name in names[dist.get_rank()::dist.get_world_size()]:
+        size, crc = recorded[name]
+        file = path / name
+        if not file.is_file():
+            mine.append(f"{file} is missing")
+        elif file.stat().st_size != size:
+            mine.append(f"{file} is cut short ({file.stat().st_size:,} of {size:,} bytes)")
+        elif _crc32(file) != crc:
+            mine.append(f"{file} is damaged (its checksum differs from the one recorded when it was written)")
+    return sorted(bad for part in _gathered(mine) for bad in part)
+
+
+def _refusal(path: Path, problem: str, resume: str) -> ConfigError:
+    how = "; start anew with train.resume=never"
+    if resume == "auto":
+        older = [p for p in complete_checkpoints(path.parent) if p.name < path.name]
+        if older:
+            how = f"; to go on from the previous complete checkpoint, run with train.resume={older[-1]}"
+    return ConfigError(f"train.resume={resume}: checkpoint {path} does not load: {problem}{how}")
+
+
+def load(engine: DeepSpeedEngine, path: Path, resume: str = "auto") -> dict:
+    """Restore engine states and this rank's RNG; returns the client state saved with them. A checkpoint whose
+    files are damaged is refused on every rank with the file named; never another one in its place."""
+    bad = damaged_files(path)
+    if bad:
+        raise _refusal(path, bad[0], resume)
+    try:
+        _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+        _set_rng_state(torch.load(path / f"rng-rank{dist.get_rank()}.pt", weights_only=True))
+    except Exception as e:  # a checkpoint without recorded checksums (older), read by DeepSpeed or torch
+        raise _refusal(path, _first_line(e), resume) from None
     return client_state

@@ -45,6 +45,10 @@ class ModelSection:
     tokenizer: Optional[str] = _f(None, "tokenizer directory; default: model.path or model.config")
     dtype: str = _f("auto", "training dtype of weights and activations; auto = bf16 on GPU, fp32 on CPU",
                     choices=["auto", "bf16", "fp32"])
+    quantize: str = _f("none", "frozen base weights of the decoder layers' linears: none (model.dtype) or nf4 (4-bit "
+                       "NF4 with double-quantised scales, QLoRA; needs lora.enabled)", choices=["none", "nf4"])
+    trust_remote_code: bool = _f(False, "run the Python code a model directory ships (its config's auto_map); "
+                                 "a directory that needs it is refused unless true")
 
 
 @dataclass
@@ -117,6 +121,9 @@ class TrainSection:
                         choices=["auto", "always", "never"])
     mlp_tile_tokens: int = _f(4096, "tokens per MLP tile", min=1)
     export: bool = _f(True, "write <out_dir>/hf (merged) and <out_dir>/adapter at the end")
+    on_nonfinite: str = _f("stop", "a step whose loss or gradients are NaN/Inf: stop (exit with a line naming "
+                           "the step; the last checkpoint stays the newest) or skip (no update, counted in metrics)",
+                           choices=["stop", "skip"])
     tensorboard: bool = _f(False, "also log loss, lr and tokens/s through DeepSpeed's TensorBoard monitor into "
                            "<out_dir>/tensorboard")
 
@@ -127,6 +134,8 @@ class ParallelSection:
     offload_optimizer: bool = _f(False, "keep optimizer states in host memory (ZeRO >= 1)")
     offload_params: bool = _f(False, "keep parameters in host memory (ZeRO 3)")
     sp: int = _f(1, "sequence-parallel degree (ranks that share one sequence)", min=1)
+    timeout_s: int = _f(1800, "seconds a rank waits for the others in a collective (a dead or hung rank ends "
+                        "the job after this); covers rank 0 tokenising the data and writing a checkpoint", min=1)
     auto: list[str] = _f([], "settings the memory planner chooses at launch (cheapest that fits data.seq_len)",
                          each_choices=["zero_stage", "offload", "sp", "checkpointing"])
 
@@ -348,6 +357,12 @@ def validate(r: Recipe) -> None:
                           f"only (got {t.checkpointing})")
     if r.lora.enabled and not r.lora.targets:
         raise ConfigError("lora.targets=[]: LoRA needs at least one target module")
+    if m.quantize == "nf4" and not r.lora.enabled:
+        raise ConfigError("model.quantize=nf4: 4-bit base weights are frozen and train only under LoRA; set "
+                          "lora.enabled=true, or model.quantize=none (allowed: none|nf4)")
+    if m.quantize == "nf4" and p.zero_stage == 3:
+        raise ConfigError("model.quantize=nf4: needs parallel.zero_stage <= 2 (ZeRO-3 does not partition 4-bit "
+                          "weights; they are a quarter of bf16's already)")
 
 
 def to_yaml(r: Recipe) -> str:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers.initialization import no_init_weights
 
 from longctx.attention import attention_implementation
 from longctx.checkpointing import Layout, apply_checkpointing, layer_input_bytes, layout_for, require_host_memory
@@ -44,26 +45,60 @@ def model_key(recipe: Recipe) -> str:
 
 
 def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(recipe.model.tokenizer or model_dir(recipe))
+    return AutoTokenizer.from_pretrained(recipe.model.tokenizer or model_dir(recipe),
+                                         trust_remote_code=recipe.model.trust_remote_code)
 
 
 def scaled_config(recipe: Recipe) -> tuple[PretrainedConfig, dict]:
     """The model config with the recipe's RoPE scaling written in, and the effective values."""
     from longctx.rope import scale_from_recipe
 
-    config = AutoConfig.from_pretrained(model_dir(recipe))
+    config = AutoConfig.from_pretrained(model_dir(recipe), trust_remote_code=recipe.model.trust_remote_code)
     return scale_from_recipe(config, recipe.rope, default_target=recipe.data.seq_len)
 
 
 def build_model(recipe: Recipe, config: PretrainedConfig, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """Weights from model.path, or a seeded random init from model.config. A random init runs on the rank's
-    device (an 8B model initialises in seconds there, minutes on the host), except under ZeRO-3, where every
-    rank holding the whole model is what partitioning avoids."""
-    if recipe.model.path is not None:
-        return AutoModelForCausalLM.from_pretrained(recipe.model.path, config=config, dtype=dtype)
+    """Weights from model.path, or a seeded random init from model.config: transformers' init of each module
+    without the draws of the modules' constructors, which is what ZeRO-3's partitioned init and the 4-bit
+    layer-by-layer build draw too, so every path starts from the same weights. A random init runs on the rank's
+    device (an 8B model initialises in seconds there, minutes on the host). Under ZeRO-3 in a process group each
+    rank builds or loads its partition only; with model.quantize=nf4 the model is built a decoder layer at a time
+    on the device, in 4 bits."""
     torch.manual_seed(recipe.train.seed)
-    with torch.device(device if recipe.parallel.zero_stage < 3 else "cpu"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if recipe.model.quantize == "nf4":
+        from longctx.quantize import build_nf4_model
+
+        return build_nf4_model(config, dtype, device, recipe.model.path)
+    if recipe.parallel.zero_stage == 3 and torch.distributed.is_initialized():
+        return build_partitioned(recipe, config, dtype)
+    if recipe.model.path is not None:
+        return AutoModelForCausalLM.from_pretrained(recipe.model.path, config=config, dtype=dtype,
+                                                    trust_remote_code=recipe.model.trust_remote_code)
+    with torch.device(device), no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=recipe.model.trust_remote_code)
+    model.init_weights()
+    return model
+
+
+def build_partitioned(recipe: Recipe, config: PretrainedConfig, dtype: torch.dtype) -> torch.nn.Module:
+    """The model built or loaded straight into this rank's ZeRO-3 partition (transformers' DeepSpeed integration
+    runs construction under deepspeed.zero.Init and loads each tensor into its partitions), so host memory grows
+    by about 1/world of the weights per rank, not by the whole model."""
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    from longctx.launcher.dsconfig import build_ds_config
+
+    # transformers reads the config through a global weak reference: alive while loading, gone after, so later
+    # models (the export's, the evaluations') are built whole
+    ds_config = HfDeepSpeedConfig(build_ds_config(recipe, bf16=dtype == torch.bfloat16))  # noqa: F841
+    remote = recipe.model.trust_remote_code
+    try:
+        if recipe.model.path is not None:
+            return AutoModelForCausalLM.from_pretrained(recipe.model.path, config=config, dtype=dtype,
+                                                        trust_remote_code=remote)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=remote)
+    finally:
+        unset_hf_deepspeed_config()
 
 
 def lora_config(section: LoraSection) -> LoraConfig:
@@ -171,8 +206,9 @@ def load_model(recipe: Recipe, device: torch.device, world: int = 1) -> tuple[to
     model = build_model(recipe, config, dtype, device)
     changes = patch_model(model, recipe, device, world).changes
     if recipe.lora.enabled:
+        torch.manual_seed(recipe.train.seed)  # the adapters start the same however the base was built or loaded
         model = add_lora(model, recipe.lora)
         changes.append(f"lora: r={recipe.lora.r} alpha={recipe.lora.alpha} on {','.join(recipe.lora.targets)}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # a ZeRO-3 partition knows its whole
     return model, {"rope": rope_record, "changes": changes, "trainable_params": trainable, "params": total}

@@ -8,6 +8,8 @@ LoRA targets are looked up on a model built on the meta device (no memory, no we
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -28,8 +30,11 @@ PER_FORWARD_ROPE = ("dynamic", "longrope")
 
 def check_inputs(recipe: Recipe) -> None:
     """Raise ConfigError, one line naming the key, for a recipe that cannot run on its files."""
+    check_trusted(recipe)  # before transformers reads the directory: it would run the code it names
     config, rope = scaled_config(recipe)  # every RoPE rule
     check_tensorboard(recipe)
+    if recipe.model.quantize == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("model.quantize=nf4: needs bitsandbytes, which is not installed (pip install 'longctx[qlora]')")
     # the backend must run on the device DeepSpeed will pick (DS_ACCELERATOR, else CUDA when present)
     device = os.environ.get("DS_ACCELERATOR") or ("cuda" if torch.cuda.is_available() else "cpu")
     attention_implementation(recipe.attention.backend, device, training=True)
@@ -41,7 +46,8 @@ def check_inputs(recipe: Recipe) -> None:
                           f"{layers} layers")
     if recipe.lora.enabled:
         with torch.device("meta"):
-            check_lora_targets(AutoModelForCausalLM.from_config(config), recipe.lora)
+            check_lora_targets(AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code),
+                               recipe.lora)
     try:
         tokenizer = load_tokenizer(recipe)
     except Exception as e:  # transformers raises OSError, ValueError or others for a directory it cannot read
@@ -57,6 +63,28 @@ def check_inputs(recipe: Recipe) -> None:
         from longctx.evaluation.reports import check_needle_lengths
 
         check_needle_lengths(tokenizer, recipe.eval.lengths, 1, "one", "eval.lengths")
+
+
+def check_trusted(recipe: Recipe) -> None:
+    """Nothing in the model directory runs as code unless the recipe says so: a config that maps the model to
+    Python files in it (`auto_map`) needs model.trust_remote_code=true, and pickled weights (`*.bin`, read when
+    no safetensors file is there) must unpickle as tensors and plain data, as transformers then loads them."""
+    directory = Path(model_dir(recipe))
+    where = f"{model_key(recipe)}={str(directory)!r}"
+    auto_map = json.loads((directory / "config.json").read_text()).get("auto_map")
+    if auto_map and not recipe.model.trust_remote_code:
+        raise ConfigError(f"{where}: its config.json names Python code in the directory ({', '.join(auto_map.values())}); "
+                          f"it runs only with model.trust_remote_code=true (allowed: true|false; default false)")
+    if recipe.model.path is None or any(directory.glob("*.safetensors")):
+        return
+    for weights in sorted(directory.glob("*.bin")):
+        try:
+            torch.load(weights, map_location="meta", weights_only=True)
+        except Exception as e:  # pickle.UnpicklingError for a forbidden object; others for a file that is no pickle
+            reason = (str(e).strip() or type(e).__name__).splitlines()[0]
+            raise ConfigError(f"{where}: {weights.name} does not load as tensors and plain data, so it is not "
+                              f"loaded at all ({reason[:200]}); use safetensors weights from a source you "
+                              f"trust") from None
 
 
 def check_attention(config: PretrainedConfig, recipe: Recipe) -> None:

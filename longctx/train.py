@@ -12,6 +12,7 @@ import gc
 import json
 import logging
 import math
+import re
 import resource
 import signal
 import time
@@ -27,15 +28,27 @@ from longctx import checkpoint, export, sequence_parallel
 from longctx.config import ConfigError, Recipe, to_yaml
 from longctx.curves import log_step, plot_curves
 from longctx.data import IGNORE_INDEX, Packed, WindowSampler, build_packed
+from longctx.fault_injection import inject
 from longctx.launcher.dsconfig import build_ds_config, check_ds_config
 from longctx.launcher.topology import Topology
 from longctx.loss import causal_lm_loss
 from longctx.model import load_model, load_tokenizer
+from longctx.progress import Progress
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
+
+
+class RunStopped(RuntimeError):
+    """The run met a fault it can name (non-finite step, out of memory, disk full) and stopped; the message is
+    one line for the user, and the last complete checkpoint is untouched. `shared`: every rank stops with the
+    same line (rank 0 says it), not only the rank the fault hit."""
+
+    def __init__(self, line: str, shared: bool = False):
+        super().__init__(line)
+        self.shared = shared
 
 
 class CausalLMWithLoss(torch.nn.Module):
@@ -91,6 +104,40 @@ def gradient_scale(recipe: Recipe, topo: Topology) -> float:
     return recipe.train.grad_accum * averaged
 
 
+def _newest_checkpoint(ckpt_root: Path) -> str:
+    found = checkpoint.complete_checkpoints(ckpt_root)
+    return f"the last checkpoint, {found[-1]}, is intact" if found else "no checkpoint was written yet"
+
+
+def non_finite(step: int, loss: float, grad_norm: float | None, applied: bool, ckpt_root: Path) -> str:
+    """The line of a step whose loss or gradients are NaN/Inf."""
+    what = f"step {step}: loss {loss}, gradient norm {grad_norm}"
+    if applied:  # an engine that does not check gradients (ZeRO-0) has already updated the weights
+        return (f"{what}: the optimizer applied it (parallel.zero_stage=0 does not check gradients), so training "
+                f"stopped without writing a checkpoint; {_newest_checkpoint(ckpt_root)}")
+    return (f"{what}: stopped before the update (train.on_nonfinite=stop); {_newest_checkpoint(ckpt_root)}; "
+            f"to pass over such steps run the same command with train.on_nonfinite=skip, or lower train.lr")
+
+
+def out_of_memory(error: torch.OutOfMemoryError, step: int, recipe: Recipe, topo: Topology, ckpt_root: Path) -> str:
+    """The line of a step that ran out of device memory: what was asked, what the planner predicted."""
+    asked = re.search(r"Tried to allocate [\d.]+ \w+", str(error))
+    tokens = recipe.train.micro_batch_size * recipe.data.seq_len // recipe.parallel.sp
+    if topo.device.type == "cuda":
+        from longctx.launcher.plan import Cluster, estimate, from_recipe
+
+        total = torch.cuda.get_device_properties(topo.device).total_memory
+        est = estimate(*from_recipe(recipe), Cluster(gpus_per_node=topo.world_size, gpu_mem=total),
+                       recipe.data.seq_len)
+        planned = f"the planner predicted a peak of {est.gpu_peak / 2**30:.1f} GiB of {total / 2**30:.1f} GiB"
+    else:
+        planned = "the planner predicts GPUs only"
+    return (f"step {step}: out of memory on rank {topo.rank} ({asked.group(0) if asked else 'an allocation'}; "
+            f"{tokens:,} tokens per micro-batch); "
+            f"{planned}; {_newest_checkpoint(ckpt_root)}; see `longctx plan` for settings that fit, then "
+            f"run the same command to resume")
+
+
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -137,7 +184,7 @@ def build_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, topo: Topolog
     return packed
 
 
-def train(recipe: Recipe, topo: Topology, run_dir: Path) -> dict:
+def train(recipe: Recipe, topo: Topology, run_dir: Path, progress: Progress) -> dict:
     t, device = recipe.train, topo.device
     is_main = topo.rank == 0
     tokenizer = load_tokenizer(recipe)
@@ -164,11 +211,11 @@ def train(recipe: Recipe, topo: Topology, run_dir: Path) -> dict:
         mpu=topo.mpu(),
     )
     ckpt_root = run_dir / "checkpoints"
-    start, tokens_seen = 0, 0
+    start, tokens_seen, skipped = 0, 0, 0
     resume_from = checkpoint.resolve_resume(t.resume, ckpt_root)
     if resume_from is not None:
-        state = checkpoint.load(engine, resume_from)
-        start, tokens_seen = state["step"], state["tokens"]
+        state = checkpoint.load(engine, resume_from, t.resume)
+        start, tokens_seen, skipped = state["step"], state["tokens"], state.get("skipped", 0)
         if is_main:
             log.info("resumed from %s at step %d", resume_from, start)
 
@@ -179,6 +226,8 @@ def train(recipe: Recipe, topo: Topology, run_dir: Path) -> dict:
     step, status, last_saved = start, "finished", start if resume_from is not None else None
     while step < t.max_steps:
         began = time.perf_counter()
+        progress.at(step + 1, "batch")
+        inject("batch", step + 1, topo.rank)
         # every rank of an sp group reads the same windows and keeps its shard of them
         batches = [sequence_parallel.shard_batch(micro_batch(packed, sampler.indices(step, m, topo.dp_rank), device),
                                                  topo.sp_rank, topo.sp_size) for m in range(t.grad_accum)]
@@ -188,11 +237,20 @@ def train(recipe: Recipe, topo: Topology, run_dir: Path) -> dict:
         lr = engine.get_lr()[0]
         loss_total = torch.zeros((), device=device)
         scale = gradient_scale(recipe, topo) / max(n_total, 1.0)
-        for batch in batches:
-            loss_sum, _ = engine(**batch)
-            engine.backward(loss_sum * scale)
-            engine.step()
-            loss_total += loss_sum.detach().float()
+        try:
+            for batch in batches:
+                progress.at(step + 1, "forward")
+                inject("forward", step + 1, topo.rank)
+                loss_sum, _ = engine(**batch)
+                loss_sum = loss_sum * inject("loss", step + 1, topo.rank)
+                progress.at(step + 1, "backward")
+                engine.backward(loss_sum * scale * inject("backward", step + 1, topo.rank))
+                progress.at(step + 1, "optimizer step")
+                engine.step()
+                loss_total += loss_sum.detach().float()
+        except torch.OutOfMemoryError as e:
+            raise RunStopped(out_of_memory(e, step + 1, recipe, topo, ckpt_root)) from None
+        progress.at(step + 1, "metrics")
         topo.all_reduce_world(loss_total)
         loss = loss_total.item() / max(n_total, 1.0)  # .item() waits for the device: time after it
         step += 1
@@ -200,6 +258,13 @@ def train(recipe: Recipe, topo: Topology, run_dir: Path) -> dict:
         step_tokens = t.grad_accum * t.micro_batch_size * recipe.data.seq_len * topo.dp_size
         tokens_seen += step_tokens
         grad_norm = engine.get_global_grad_norm()
+        if not engine.was_step_applied() or not math.isfinite(loss) or (grad_norm is not None
+                                                                          and not math.isfinite(grad_norm)):
+            if t.on_nonfinite == "stop" or engine.was_step_applied():
+                raise RunStopped(non_finite(step, loss, grad_norm, engine.was_step_applied(), ckpt_root), shared=True)
+            skipped += 1
+            log.warning("step %d: non-finite loss (%s) or gradients: no update (train.on_nonfinite=skip; %d "
+                        "skipped so far)", step, loss, skipped)
         row = {
             "step": step,
             "loss": loss,
@@ -209,6 +274,7 @@ def train(recipe: Recipe, topo: Topology, run_dir: Path) -> dict:
             "tokens_per_s": step_tokens / elapsed,
             "step_s": elapsed,
             "peak_mem_gib": round(peak_memory_gib(device), 3),
+            "skipped_steps": skipped,
         }
         metrics.write(row)
         log_step(engine, row)
@@ -216,8 +282,12 @@ def train(recipe: Recipe, topo: Topology, run_dir: Path) -> dict:
         bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", mem=f"{row['peak_mem_gib']:.1f}G")
         stop = preempt.agreed(device)
         if (t.save_every and step % t.save_every == 0) or stop or step == t.max_steps:
-            checkpoint.save(engine, ckpt_root, step, {"step": step, "tokens": tokens_seen}, t.keep_checkpoints,
-                            checkpoint.identity(recipe, record["rope"]))
+            progress.at(step, "checkpoint")
+            try:
+                checkpoint.save(engine, ckpt_root, step, {"step": step, "tokens": tokens_seen, "skipped": skipped},
+                                t.keep_checkpoints, checkpoint.identity(recipe, record["rope"]))
+            except checkpoint.DiskFull as e:
+                raise RunStopped(str(e)) from None
             last_saved = step
         if stop:
             status = "preempted"
@@ -226,6 +296,7 @@ def train(recipe: Recipe, topo: Topology, run_dir: Path) -> dict:
     if is_main and (run_dir / "metrics.jsonl").is_file():
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     summary = {"status": status, "step": step, "last_checkpoint": last_saved, "run_dir": str(run_dir)}
+    progress.at(step, "export")
     if status == "finished" and t.export:
         summary.update(export.export_run(engine, model, recipe, tokenizer, run_dir, is_main))
         if recipe.eval.at_end and is_main:
