@@ -12,6 +12,8 @@ poison the next):
              longctx.checkpointing), chunked loss (longctx.loss), tiled MLP from 32K
              (longctx.tiled_mlp), fused RoPE and RMSNorm (kernels/), our auto attention (SDPA with
              cuDNN first for one document per row)
+    qlora    longctx with the decoder layers' linears frozen in 4-bit NF4 (model.quantize=nf4, bitsandbytes),
+             built a layer at a time on the GPU
 
 Weights are random (built directly on the GPU in bf16); adapters are bf16 in every stack.
 A step is forward + backward + AdamW on the adapters. Model TFLOP/s counts 3x the forward
@@ -46,7 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "longctx" / "assets" / "llama-3.1-8b"
 RECIPE = ROOT / "recipes" / "llama3-8b-lora-1gpu.yaml"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-STACKS = ("hf", "ds", "ds-cpu", "longctx")
+STACKS = ("hf", "ds", "ds-cpu", "longctx", "qlora")
+OURS = ("longctx", "qlora")
 TILE_TOKENS = 4096  # DeepSpeed's recommendation for TiledMLP shards (one hidden size) and our loss chunk
 WARMUP_TOKENS = 1024
 GiB = 2**30
@@ -119,10 +122,16 @@ def build(stack: str, seq_len: int, overrides: list[str]):
 
     config = AutoConfig.from_pretrained(CONFIG_DIR)
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    if stack == "qlora":
+        from longctx.quantize import build_nf4_model
+
+        model = build_nf4_model(config, torch.bfloat16, torch.device("cuda"), None)
+        overrides = ["model.quantize=nf4", *overrides]
+    else:
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     record = {}
-    if stack == "longctx":
+    if stack in OURS:
         from longctx.config import load_recipe
         from longctx.model import patch_model
 
@@ -134,7 +143,7 @@ def build(stack: str, seq_len: int, overrides: list[str]):
         record["patch_s"] = round(time.perf_counter() - t0, 1)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS),
                            autocast_adapter_dtype=False)
-    if stack == "longctx":
+    if stack in OURS:
         model.get_base_model().disable_input_require_grads()  # as longctx.model.add_lora does
     model.train()
     if stack in ("hf", "ds", "ds-cpu"):
@@ -158,13 +167,13 @@ def train_step(stack: str, model, optimizer, ids) -> float:
     labels = torch.roll(ids, -1, dims=1)  # pre-shifted: position t predicts token t+1
     labels[:, -1] = -100
     positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
-    attention = contextlib.nullcontext() if stack in ("hf", "longctx") else sdpa_kernel(
+    attention = contextlib.nullcontext() if stack in ("hf", *OURS) else sdpa_kernel(
         [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION], set_priority=True)
     offload = torch.autograd.graph.save_on_cpu(pin_memory=True) if stack == "ds-cpu" else contextlib.nullcontext()
     with attention, offload:
         if stack == "hf":
             loss = model(input_ids=ids, position_ids=positions, labels=ids).loss
-        elif stack == "longctx":
+        elif stack in OURS:
             from longctx.loss import causal_lm_loss
 
             loss_sum, n = causal_lm_loss(model, ids, positions, labels, TILE_TOKENS)

@@ -84,6 +84,24 @@ class ModelShape:
     def lora_params(self, r: int, targets: tuple[str, ...]) -> int:
         return self.layers * sum(r * (i + o) for name, (i, o) in self.linears().items() if name in targets)
 
+    @property
+    def nf4_layer_bytes(self) -> int:
+        """One decoder layer's linears in NF4 (model.quantize=nf4)."""
+        return sum(nf4_bytes(o, i) for i, o in self.linears().values())
+
+
+# bitsandbytes' NF4 layout, as longctx/quantize.py stores it (tests/test_quantize.py checks the count against the
+# stored tensors): 64 weights share one scale; the scales are quantised to 8 bits in blocks of 256, each with an
+# fp32 scale of its own; per tensor one fp32 offset and the code books of the 16 NF4 and 256 scale levels, in fp32
+NF4_BLOCK, NF4_SCALE_BLOCK = 64, 256
+
+
+def nf4_bytes(rows: int, cols: int) -> int:
+    """Bytes one (rows x cols) weight takes in NF4 with double-quantised scales: about 0.516 per weight."""
+    n = rows * cols
+    blocks = -(-n // NF4_BLOCK)
+    return n // 2 + blocks + 4 * -(-blocks // NF4_SCALE_BLOCK) + 4 * (1 + 16 + 256)
+
 
 @dataclass(frozen=True)
 class Features:
@@ -104,6 +122,7 @@ class Features:
     norm: str = "torch"  # torch: RMSNorm keeps a float32 copy of its input | fused: our kernel keeps the input
     engine: str = "deepspeed"  # deepspeed: ZeRO buffers, bf16 master weights | torch: plain optimizer, no ZeRO
     micro_batch: int = 1
+    quantize: str = "none"  # nf4: the decoder layers' linears frozen in 4 bits (QLoRA)
 
     @property
     def norms_trainable(self) -> bool:
@@ -139,6 +158,7 @@ class Cluster:
         return self.nodes * self.gpus_per_node
 
 
+MODEL_LOAD = "model load (before training)"
 # Parts of the GPU peak present at only one of the two moments that can be the peak (Estimate.phases)
 PHASE_PARTS = ("not-checkpointed layers", "offloaded inputs reloaded", "final hidden states", "loss working set",
                "layer working set")
@@ -173,7 +193,7 @@ class Estimate:
     def host_peak(self) -> int:
         h = dict(self.host)
         # loading happens before training: the larger of the two moments
-        return max(h.pop("model load (every rank, before partitioning)"), sum(h.values()))
+        return max(h.pop(MODEL_LOAD), sum(h.values()))
 
     @property
     def fits(self) -> bool:
@@ -217,6 +237,9 @@ def model_states(shape: ModelShape, f: Features, s: Settings, world: int) -> tup
         weight_b, grad_b, optim_b = b, b, 12
     frozen = shape.params - trainable if f.lora_r is not None else 0
     weights = frozen * b + trainable * weight_b
+    if f.quantize == "nf4":  # the layers' linears in 4 bits, embeddings, norms and head as they were
+        linears = sum(i * o for i, o in shape.linears().values())
+        weights += shape.layers * (shape.nf4_layer_bytes - linears * b)
     zero = s.zero_stage if f.engine == "deepspeed" else 0
     gpu, host = {}, {}
     if zero == 3:
@@ -364,6 +387,8 @@ def estimate(shape: ModelShape, f: Features, s: Settings, cluster: Cluster, seq_
     gpu["final hidden states"] = tokens * (_norm_input(f, h) + 2 * b * h)
     mask = {"sdpa-mask": 1, "eager": b}.get(f.attention, 0)
     gpu["attention mask"] = f.micro_batch * seq_len * seq_len * mask
+    if f.quantize == "nf4":  # bitsandbytes multiplies by a dequantised copy of the 4-bit weight, freed after each matmul
+        gpu["dequantised weight"] = max(i * o for i, o in shape.linears().values()) * b
     gpu["layer working set"] = recompute
     gpu["loss working set"] = loss_working_set(shape, f, tokens)
     gpu_limit = cluster.gpu_mem - GPU_RESERVED_BYTES
@@ -385,8 +410,18 @@ def estimate(shape: ModelShape, f: Features, s: Settings, cluster: Cluster, seq_
     ranks_here = min(cluster.gpus_per_node, world)
     host = {name: ranks_here * n for name, n in host_rank.items()}
     host["processes"] = ranks_here * PROCESS_HOST_BYTES
-    host["model load (every rank, before partitioning)"] = ranks_here * (PROCESS_HOST_BYTES + shape.params * b)
+    host[MODEL_LOAD] = ranks_here * (PROCESS_HOST_BYTES + load_bytes(shape, f, s, world))
     return Estimate(seq_len, s, gpu, host, gpu_limit, cluster.host_mem, layout, transient)
+
+
+def load_bytes(shape: ModelShape, f: Features, s: Settings, world: int) -> int:
+    """Host bytes one rank holds while it builds or loads the model, before training."""
+    block = max(shape.layer_params, shape.head_params) * f.act_bytes  # the module being built, or read
+    if f.quantize == "nf4":
+        return block  # a block at a time, quantized on the device before the next
+    if s.zero_stage == 3:
+        return shape.params * f.act_bytes // world + block  # built under zero.Init: its partition only
+    return shape.params * f.act_bytes  # the whole model, before DeepSpeed partitions or moves it
 
 
 def longest_fitting(shape: ModelShape, f: Features, s: Settings, cluster: Cluster,
@@ -403,10 +438,12 @@ def longest_fitting(shape: ModelShape, f: Features, s: Settings, cluster: Cluste
     return lo * step
 
 
-def candidates(shape: ModelShape, cluster: Cluster, fixed: Settings, free: set[str]) -> Iterator[Settings]:
+def candidates(shape: ModelShape, cluster: Cluster, fixed: Settings, free: set[str],
+               quantized: bool = False) -> Iterator[Settings]:
     """Settings to try, cheapest first: no parameter offload, no optimizer offload, small sp,
-    light checkpointing, low ZeRO stage (each step down that list costs speed)."""
-    stages = (1, 2, 3) if "zero_stage" in free else (fixed.zero_stage,)
+    light checkpointing, low ZeRO stage (each step down that list costs speed). 4-bit weights run
+    under ZeRO <= 2 only."""
+    stages = ((1, 2) if quantized else (1, 2, 3)) if "zero_stage" in free else (fixed.zero_stage,)
     offloads = ((False, False), (True, False), (True, True)) if "offload" in free else (
         (fixed.offload_optimizer, fixed.offload_params),)
     # sp ranks share a node (topology.py): the planner does not choose sp across nodes
@@ -423,7 +460,7 @@ def candidates(shape: ModelShape, cluster: Cluster, fixed: Settings, free: set[s
 def choose(shape: ModelShape, f: Features, cluster: Cluster, seq_len: int, fixed: Settings,
            free: set[str]) -> Optional[Estimate]:
     """The first candidate whose step fits at seq_len, or None."""
-    for s in candidates(shape, cluster, fixed, free):
+    for s in candidates(shape, cluster, fixed, free, f.quantize == "nf4"):
         if seq_len % s.sp == 0 and estimate(shape, f, s, cluster, seq_len).fits:
             return estimate(shape, f, s, cluster, seq_len)
     return None
@@ -433,7 +470,7 @@ def longest_any(shape: ModelShape, f: Features, cluster: Cluster, fixed: Setting
                 free: set[str]) -> tuple[int, Optional[Settings]]:
     """The longest sequence any candidate reaches, and the cheapest candidate reaching it."""
     best, best_settings = 0, None
-    for s in candidates(shape, cluster, fixed, free):
+    for s in candidates(shape, cluster, fixed, free, f.quantize == "nf4"):
         n = longest_fitting(shape, f, s, cluster)
         if n > best:
             best, best_settings = n, s
@@ -459,7 +496,7 @@ def from_recipe(recipe: Recipe, on_gpu: bool = True) -> tuple[ModelShape, Featur
                  loss_chunk_tokens=t.loss_chunk_tokens, micro_batch=t.micro_batch_size,
                  mlp_tile_tokens=0 if t.tiled_mlp == "never" else t.mlp_tile_tokens,
                  mlp_tile_from=AUTO_MIN_TOKENS if t.tiled_mlp == "auto" else 0,
-                 norm="fused" if on_gpu else "torch")
+                 norm="fused" if on_gpu else "torch", quantize=recipe.model.quantize)
     p = recipe.parallel
     return shape, f, Settings(p.zero_stage, p.offload_optimizer, p.offload_params, p.sp, t.checkpointing,
                               t.gpu_checkpoint_layers)

@@ -26,10 +26,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def full_state_dict(engine: DeepSpeedEngine) -> dict[str, torch.Tensor] | None:
-    """Every parameter of the engine's module, on rank 0 (None elsewhere); call on all ranks."""
+def full_state_dict(engine: DeepSpeedEngine, quantized: bool) -> dict[str, torch.Tensor] | None:
+    """Every parameter of the engine's module, on rank 0 (None elsewhere), 4-bit weights dequantized; call on all
+    ranks."""
     if engine.zero_optimization_stage() == 3:
         state = engine._zero3_consolidated_16bit_state_dict()
+    elif quantized:
+        from longctx.quantize import dequantized_state_dict
+
+        state = dequantized_state_dict(engine.module)
     else:
         state = engine.module.state_dict()
     if dist.get_rank() != 0:
@@ -69,7 +74,7 @@ def export_state(state: dict[str, torch.Tensor], config: PretrainedConfig, recip
 
 def export_run(engine: DeepSpeedEngine, model: torch.nn.Module, recipe: Recipe, tokenizer: PreTrainedTokenizerBase,
                run_dir: Path, is_main: bool) -> dict:
-    state = full_state_dict(engine)
+    state = full_state_dict(engine, recipe.model.quantize == "nf4")
     written = {}
     if is_main:
         lm_config = unwrap_causal_lm(model).config
