@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 MARKER = "COMPLETE"
 IDENTITY = "identity.json"
 # what a checkpoint shares with the run that resumes it: the weights' source and shape, and what a step computes
-IDENTITY_KEYS = ("model.path", "model.config", "model.dtype", "data.seq_len", "parallel.sp", "parallel.zero_stage",
-                 "lora.enabled")
+IDENTITY_KEYS = ("model.path", "model.config", "model.dtype", "model.quantize", "data.seq_len", "parallel.sp",
+                 "parallel.zero_stage", "lora.enabled")
 LORA_KEYS = ("lora.r", "lora.targets", "lora.train_embeddings", "lora.train_norms")
 
 

@@ -68,10 +68,10 @@ def dequantized_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _post_order(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    for child in module.children():
-        yield from _post_order(child)
-    yield module
+def _post_order(module: torch.nn.Module, name: str) -> Iterator[tuple[str, torch.nn.Module]]:
+    for child_name, child in module.named_children():
+        yield from _post_order(child, f"{name}.{child_name}" if name else child_name)
+    yield name, module
 
 
 def _checkpoint_filler(path: str, dtype: torch.dtype) -> Callable[[str, torch.nn.Module], None]:
@@ -104,28 +104,28 @@ def build_nf4_model(config: PretrainedConfig, dtype: torch.dtype, device: torch.
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     layers = set(model.model.layers)
     load = _checkpoint_filler(weights, dtype) if weights is not None else None
-    names = {m: n for n, m in model.named_modules()}
 
     @torch.no_grad()
-    def fill(module: torch.nn.Module) -> None:
+    def fill(name: str, module: torch.nn.Module) -> None:
         model._init_weights(module)  # also the non-persistent buffers (RoPE frequencies) a checkpoint lacks
         if load is not None:
-            load(names[module], module)
+            load(name, module)
 
-    def materialise(module: torch.nn.Module) -> None:
+    # names travel down the walk: a table of modules would keep each replaced full-precision linear alive
+    def materialise(name: str, module: torch.nn.Module) -> None:
         if module in layers:
             module.to_empty(device=device)
-            for m in _post_order(module):
-                fill(m)
+            for sub in _post_order(module, name):
+                fill(*sub)
             quantize_linears(module, device)
             return
-        for child in module.children():
-            materialise(child)
+        for child_name, child in module.named_children():
+            materialise(f"{name}.{child_name}" if name else child_name, child)
         tied = config.get_text_config().tie_word_embeddings and module is model.get_output_embeddings()
         if not tied:  # a tied head is the embeddings' weight, tied again below
             module.to_empty(device=device, recurse=False)
-            fill(module)
+            fill(name, module)
 
-    materialise(model)
+    materialise("", model)
     model.tie_weights()
     return model

@@ -86,6 +86,9 @@ def test_identity_compares_every_key_that_shapes_the_checkpoint():
     rope = {"method": "yarn", "factor": 4.0}
     with pytest.raises(ConfigError, match=r"written with lora.r=16, this run has lora.r=8"):
         check_resumable(_checkpoint(a, rope), 1, identity(b, rope))
+    nf4 = load_recipe(DEMO, ["lora.enabled=true", "model.quantize=nf4"])  # 4-bit weights: another checkpoint layout
+    with pytest.raises(ConfigError, match=r"written with model.quantize='none', this run has model.quantize='nf4'"):
+        check_resumable(_checkpoint(a, rope), 1, identity(nf4, rope))
     check_resumable(_checkpoint(a, rope), 1, identity(load_recipe(DEMO, ["lora.enabled=true", "train.lr=1"]), rope))
 
 
