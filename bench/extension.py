@@ -3,6 +3,8 @@
     python bench/extension.py --model models/smollm2-135m --out out/extension                 # every row
     python bench/extension.py ... --stage base                                  # the methods without training
     python bench/extension.py ... --stage train --methods yarn --steps 50,200   # train, evaluate at each N
+    python bench/extension.py ... --stage train --methods yarn --label s2-lora attention.train_pattern=s2 \
+        lora.enabled=true lora.train_embeddings=true lora.train_norms=true     # rows of their own: yarn-s2-lora+N
 
 Rows without training apply each RoPE method to the base weights at factor target / trained context
 (`dynamic` is evaluation-only: its frequencies follow the length it is given). A trained row is a run of the
@@ -10,6 +12,8 @@ recipe (recipes/smollm2-64k.yaml) through `deepspeed launcher/run.py` with `rope
 resumes the same run with a larger train.max_steps (so its cosine schedule stretches to the new end), and each
 exported model is evaluated with full attention under the RoPE settings it was trained with. Same data and
 seed for every row. Evaluation text: prose that no training document holds (longctx.corpus.held_out_prose).
+Training rows with recipe overrides need a `--label`: it names their rows and their run directory, so that
+they never resume, or replace in the table, the rows of another setting.
 
 Results accumulate in <out>/extension.json (a later stage adds rows), with extension.md (the table),
 ppl.png (perplexity against length, one line per row) and needle-<row>.png (passkey heatmaps).
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -54,8 +59,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--needle-lengths", default="4k,8k,16k,32k,64k", help="passkey context lengths")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="passkey depths, fractions of the context")
     p.add_argument("--trials", type=int, default=5, help="passkeys per (length, depth) cell")
+    p.add_argument("--label", default="", help="training rows and runs are named <method>-<label>+<steps>; "
+                   "needed with overrides (e.g. s2-lora for attention.train_pattern=s2 lora.enabled=true)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides for the training runs")
     args = p.parse_args(argv)
+    if args.overrides and args.stage != "base" and not args.label:
+        p.error("--label: training runs with recipe overrides need a label for their rows and run directory")
     args.methods = args.methods.split(",")
     bad = [m for m in args.methods if m not in BASE_METHODS]
     if bad:
@@ -82,9 +91,13 @@ def evaluate(label: str, model_dir: str, rope: list[str], args: argparse.Namespa
             "passkey_mean": needle["mean"]}
 
 
+def run_name(method: str, args: argparse.Namespace) -> str:
+    return f"{method}-{args.label}" if args.label else method
+
+
 def train(method: str, steps: int, args: argparse.Namespace, runs: Path) -> tuple[str, dict]:
     """Train (or continue) the recipe's run for `method` up to `steps`; returns its exported model and cost."""
-    out = runs / method
+    out = runs / run_name(method, args)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
            str(ROOT / "launcher" / "run.py"), "--config", args.recipe, f"model.path={args.model}",
            f"rope.method={method}", f"train.max_steps={steps}", f"train.out_dir={out}", "eval.at_end=[]",
@@ -93,18 +106,20 @@ def train(method: str, steps: int, args: argparse.Namespace, runs: Path) -> tupl
     subprocess.run(cmd, cwd=ROOT, check=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return str(out / "hf"), {"tokens": rows[-1]["tokens"], "train_minutes": sum(r["step_s"] for r in rows) / 60,
-                             "peak_mem_gib": max(r["peak_mem_gib"] for r in rows)}
+                             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows),
+                             "peak_mem_gib": max(r["peak_mem_gib"] for r in rows), "overrides": args.overrides}
 
 
 def table(rows: dict, args: argparse.Namespace) -> str:
     head = ["row", "trained steps"] + [f"ppl {short(n)}" for n in args.ppl_lengths] + \
-           [f"passkey {short(n)}" for n in args.needle_lengths] + ["train min"]
+           [f"passkey {short(n)}" for n in args.needle_lengths] + ["train min", "train tok/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in rows.items():
         ppl = [f"{r['ppl'].get(str(n)):.2f}" if r["ppl"].get(str(n)) else "-" for n in args.ppl_lengths]
         key = [f"{100 * r['passkey'][str(n)]:.0f}%" if str(n) in r["passkey"] else "-" for n in args.needle_lengths]
         cost = f"{r['train_minutes']:.1f}" if "train_minutes" in r else "-"
-        lines.append("| " + " | ".join([label, str(r["steps"])] + ppl + key + [cost]) + " |")
+        speed = f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else "-"
+        lines.append("| " + " | ".join([label, str(r["steps"])] + ppl + key + [cost, speed]) + " |")
     return "\n".join(lines)
 
 
@@ -137,7 +152,7 @@ def main(argv: list[str]) -> int:
         for method in [m for m in args.methods if m in TRAIN_METHODS]:
             for steps in args.steps:
                 model_dir, cost = train(method, steps, args, out / "runs")
-                label = f"{method}+{steps}"
+                label = f"{run_name(method, args)}+{steps}"
                 record(label, {"method": method, "steps": steps, **cost, **evaluate(label, model_dir, [], args, out)})
     series = {label: ([int(n) for n, v in r["ppl"].items() if v], [v for v in r["ppl"].values() if v])
               for label, r in rows.items()}

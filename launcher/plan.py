@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from longctx.checkpointing import PROCESS_HOST_BYTES, Layout, choose_layout, layout_for
-from longctx.config import LORA_TARGETS_ALL, ConfigError, Recipe, load_recipe
+from longctx.config import LORA_TARGETS_ALL, ConfigError, Recipe, load_recipe, s2_group
 from longctx.launcher.dsconfig import template
 from longctx.sequence_parallel import allowed_degrees, check_layout
 from longctx.tiled_mlp import AUTO_MIN_TOKENS
@@ -115,6 +115,7 @@ class Features:
     # flash: O(seq), ours | cudnn: O(seq), SDPA's cuDNN backend (a larger backward workspace) | sdpa-flash:
     # O(seq), SDPA's flash backend (an fp32 dq accumulator) | sdpa-mask: dense (seq x seq) mask | eager: scores
     attention: str = "flash"
+    attention_group: int = 0  # S²-Attn (attention.train_pattern=s2): a query sees keys of its group only; 0: full
     loss: str = "chunked"  # chunked: logits per chunk, recomputed | full: (seq x vocab) logits in fp32
     loss_chunk_tokens: int = 4096
     mlp_tile_tokens: int = 0  # 0: untiled MLP
@@ -310,14 +311,20 @@ def _norm_input(f: Features, h: int) -> int:
     return 4 * h if f.norm == "torch" else f.act_bytes * h + 4
 
 
+def attended_keys(f: Features, seq_len: int) -> int:
+    """Keys one query's scores span: the sequence, or with S²-Attn its group (scores and masks are per group)."""
+    return min(f.attention_group, seq_len) if f.attention_group else seq_len
+
+
 def quadratic_saved(shape: ModelShape, f: Features, seq_len: int, sp: int) -> int:
-    """Bytes one layer keeps that grow with seq^2 (per rank, per micro-batch)."""
+    """Bytes one layer keeps that grow with seq^2, or seq x group with S²-Attn (per rank, per micro-batch)."""
+    keys = attended_keys(f, seq_len)
     if f.attention == "eager":
         # fp32 softmax output and its cast to the compute dtype, for this rank's heads
-        return f.micro_batch * (shape.heads // sp) * seq_len * seq_len * (4 + f.act_bytes)
+        return f.micro_batch * (shape.heads // sp) * seq_len * keys * (4 + f.act_bytes)
     if f.attention == "sdpa-mask":
         # SDPA turns the boolean document mask into an additive bias it saves for backward
-        return f.micro_batch * seq_len * seq_len * f.act_bytes
+        return f.micro_batch * seq_len * keys * f.act_bytes
     return 0
 
 
@@ -386,7 +393,7 @@ def estimate(shape: ModelShape, f: Features, s: Settings, cluster: Cluster, seq_
     # the final norm's saved input and output, and the hidden states handed to the loss
     gpu["final hidden states"] = tokens * (_norm_input(f, h) + 2 * b * h)
     mask = {"sdpa-mask": 1, "eager": b}.get(f.attention, 0)
-    gpu["attention mask"] = f.micro_batch * seq_len * seq_len * mask
+    gpu["attention mask"] = f.micro_batch * seq_len * attended_keys(f, seq_len) * mask
     if f.quantize == "nf4":  # bitsandbytes multiplies by a dequantised copy of the 4-bit weight, freed after each matmul
         gpu["dequantised weight"] = max(i * o for i, o in shape.linears().values()) * b
     gpu["layer working set"] = recompute
@@ -490,9 +497,13 @@ def from_recipe(recipe: Recipe, on_gpu: bool = True) -> tuple[ModelShape, Featur
     extra = (shape.head_params if lora.train_embeddings else 0) + (
         (2 * shape.layers + 1) * shape.hidden if lora.train_norms else 0)
     t = recipe.train
+    group = s2_group(recipe) if recipe.attention.train_pattern == "s2" else 0
+    # S²-Attn hands the backend many groups per row, which auto runs as packed documents: in our kernel
+    backend = recipe.attention.backend
+    attention = "flash" if group and backend == "auto" else ATTENTION_OF_BACKEND[backend]
     f = Features(act_bytes=2 if dtype == "bf16" else 4, lora_r=lora.r if lora.enabled else None,
                  lora_targets=tuple(lora.targets), extra_trainable=extra if lora.enabled else 0,
-                 attention=ATTENTION_OF_BACKEND[recipe.attention.backend], loss="chunked",
+                 attention=attention, attention_group=group, loss="chunked",
                  loss_chunk_tokens=t.loss_chunk_tokens, micro_batch=t.micro_batch_size,
                  mlp_tile_tokens=0 if t.tiled_mlp == "never" else t.mlp_tile_tokens,
                  mlp_tile_from=AUTO_MIN_TOKENS if t.tiled_mlp == "auto" else 0,

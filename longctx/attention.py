@@ -16,6 +16,8 @@ transformers never materialises (seq x seq); each backend keeps documents apart 
             document per row; on CPU, sdpa (per document when packed). Each choice is logged once.
 
 These backends are for training on packed, unpadded sequences: a padding mask is refused.
+Registered with an S²-Attn group (attention.train_pattern=s2), a module in training mode attends
+in shifted groups (longctx/s2_attention.py) through the same backend; in eval mode, fully.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from longctx.config import ATTENTION_BACKENDS, ConfigError
 from longctx.kernels.flash_attn import flash_attn_varlen_func, reference_attention
+from longctx.s2_attention import group_cuts, shifted_sparse_attention
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -207,14 +210,38 @@ def _auto(q, k, v, docs: Documents | None, scale: float) -> torch.Tensor:
     return AUTO_RUNS[auto_choice(q.device, packed, q.dtype)](q, k, v, docs, scale)
 
 
+# S²-Attn groups of the plain and the shifted half, kept for the Documents object they were cut from (the same
+# object for every layer of a forward and its recompute, see `documents`): the host sync happens once.
+_s2_memo: tuple[Documents | None, tuple, tuple[Documents, Documents]] | None = None
+
+
+def _s2_groups(docs: Documents | None, batch: int, seq: int, group: int,
+               device: torch.device) -> tuple[Documents, Documents]:
+    """The groups the plain and the shifted half of the heads attend in, as documents (longctx/s2_attention.py)."""
+    global _s2_memo
+    shape = (batch, seq, group, device)
+    if _s2_memo is not None and _s2_memo[0] is docs and _s2_memo[1] == shape:
+        return _s2_memo[2]
+    starts = torch.zeros(batch * seq, dtype=torch.bool, device=device)
+    first_tokens = docs.cu_seqlens[:-1].long() if docs is not None else torch.arange(0, batch * seq, seq, device=device)
+    starts[first_tokens] = True
+    halves = tuple(documents_from_cu_seqlens(group_cuts(starts.view(batch, seq), group, shifted))
+                   for shifted in (False, True))
+    _s2_memo = (docs, shape, halves)
+    return halves
+
+
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                       position_ids: torch.Tensor | None = None, cu_seq_lens_q: torch.Tensor | None = None,
-                      backend: str = "auto", **kwargs) -> tuple[torch.Tensor, None]:
+                      backend: str = "auto", s2_group: int = 0, head_range: tuple[int, int] | None = None,
+                      **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: q/k/v (batch, heads, seq, dim) -> ((batch, seq, heads, dim), None).
 
     Documents come from `cu_seq_lens_q` (cumulative lengths over the flattened batch) when given,
-    else from `position_ids`; with neither, each row is one sequence.
+    else from `position_ids`; with neither, each row is one sequence. With `s2_group`, a module in training
+    mode runs S²-Attn in groups of that many tokens; `head_range` (first, total) says which of the model's
+    heads these are (a Ulysses rank's share), for S²-Attn to know which to shift.
     """
     if attention_mask is not None:
         raise ValueError("longctx attention takes no attention mask: pack documents (position_ids restart at 0) "
@@ -238,6 +265,13 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         if docs is not None and docs.count <= q.shape[0]:
             docs = None  # one document per row needs no document mask
     run = _auto if backend == "auto" else KERNELS[backend]
+    if s2_group and module.training:
+        plain, shifted = _s2_groups(docs, q.shape[0], q.shape[1], s2_group, q.device)
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rolled: bool) -> torch.Tensor:
+            return run(q, k, v, shifted if rolled else plain, scale)
+
+        return shifted_sparse_attention(q, k, v, s2_group, attend, head_range), None
     return run(q, k, v, docs, scale), None
 
 
@@ -272,8 +306,10 @@ def _refuse_unsupported(backend: str, device: torch.device, training: bool) -> N
         raise ConfigError(f"attention.backend={backend}: no backend but eager is built for device {device}")
 
 
-def attention_implementation(backend: str, device: torch.device | str | None = None, training: bool = False) -> str:
-    """Register `longctx_<backend>` with transformers and return the name for set_attn_implementation.
+def attention_implementation(backend: str, device: torch.device | str | None = None, training: bool = False,
+                             s2_group: int = 0) -> str:
+    """Register `longctx_<backend>` (`longctx_<backend>_s2g<group>` with an S²-Attn group for training) with
+    transformers and return the name for set_attn_implementation.
 
     With `device`, a backend that cannot run there (or cannot train there, with `training`) is refused now,
     before any model is built.
@@ -285,7 +321,7 @@ def attention_implementation(backend: str, device: torch.device | str | None = N
         raise ConfigError(f"attention.backend={backend!r}: must be one of {'|'.join(ATTENTION_BACKENDS)}")
     if device is not None:
         _refuse_unsupported(backend, torch.device(device), training)
-    name = f"longctx_{backend}"
-    AttentionInterface.register(name, functools.partial(attention_forward, backend=backend))
+    name = f"longctx_{backend}" + (f"_s2g{s2_group}" if s2_group else "")
+    AttentionInterface.register(name, functools.partial(attention_forward, backend=backend, s2_group=s2_group))
     AttentionMaskInterface.register(name, no_mask)
     return name

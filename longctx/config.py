@@ -74,6 +74,12 @@ class RopeSection:
 class AttentionSection:
     backend: str = _f("auto", "attention kernel; auto picks per device and batch",
                       choices=ATTENTION_BACKENDS)
+    train_pattern: str = _f("full", "attention in training: full (causal over each document) or s2 (LongLoRA's "
+                            "shifted sparse attention: causal within groups of attention.s2_group tokens, half of the "
+                            "heads shifted by half a group); evaluation, generation and export always use full attention",
+                            choices=["full", "s2"])
+    s2_group: int = _f(0, "train_pattern=s2: tokens per group, an even divisor of data.seq_len; 0 = a quarter of "
+                       "data.seq_len (the paper's choice)", min=0)
 
 
 @dataclass
@@ -330,6 +336,30 @@ def _check_out_dir(path: str) -> None:
             return
 
 
+def s2_group(r: Recipe) -> int:
+    """Tokens per S²-Attn group (attention.s2_group, or its default: a quarter of the sequence)."""
+    return r.attention.s2_group or r.data.seq_len // 4
+
+
+def _check_s2(r: Recipe) -> None:
+    """Groups tile every window and shift by half a group. No rule involves parallel.sp: Ulysses hands attention
+    whole sequences (for a share of the heads), so groups never meet a shard boundary."""
+    a, n = r.attention, r.data.seq_len
+    if a.train_pattern != "s2":
+        if a.s2_group:
+            raise ConfigError(f"attention.s2_group={a.s2_group}: applies to attention.train_pattern=s2 only "
+                              f"(got {a.train_pattern})")
+        return
+    group = s2_group(r)
+    if n % group or group % 2:
+        evens = [d for d in range(2, n + 1, 2) if n % d == 0]
+        near = sorted(evens, key=lambda d: abs(math.log(d * 4 / n)))[:3]
+        given = f"{a.s2_group}" if a.s2_group else f"0 (a quarter of data.seq_len: {n / 4:g})"
+        raise ConfigError(f"attention.s2_group={given}: must be an even divisor of data.seq_len={n}; allowed: "
+                          f"{'|'.join(map(str, sorted(near))) or 'none, data.seq_len is odd'}"
+                          f"{'|...' if len(evens) > len(near) else ''}")
+
+
 def validate(r: Recipe) -> None:
     """Field rules from the schema, then the rules that span fields."""
     _check_section(r, "")
@@ -355,6 +385,7 @@ def validate(r: Recipe) -> None:
     if t.gpu_checkpoint_layers and t.checkpointing != "offload":
         raise ConfigError(f"train.gpu_checkpoint_layers={t.gpu_checkpoint_layers}: applies to train.checkpointing=offload "
                           f"only (got {t.checkpointing})")
+    _check_s2(r)
     if r.lora.enabled and not r.lora.targets:
         raise ConfigError("lora.targets=[]: LoRA needs at least one target module")
     if m.quantize == "nf4" and not r.lora.enabled:

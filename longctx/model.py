@@ -15,7 +15,7 @@ from transformers.initialization import no_init_weights
 
 from longctx.attention import attention_implementation
 from longctx.checkpointing import Layout, apply_checkpointing, layer_input_bytes, layout_for, require_host_memory
-from longctx.config import ConfigError, LoraSection, Recipe
+from longctx.config import ConfigError, LoraSection, Recipe, s2_group
 from longctx.kernels.patch import ModelPatch
 from longctx.tiled_mlp import apply_tiled_mlp, use_tiled_mlp
 
@@ -140,10 +140,14 @@ def patch_model(model: torch.nn.Module, recipe: Recipe, device: torch.device, wo
     """Apply attention, RoPE and RMSNorm kernels, checkpointing and MLP tiling: a line per change for the run
     log, and the undo of all of them."""
     changes, undo = [], []
-    attn = attention_implementation(recipe.attention.backend, device, training=True)
+    group = s2_group(recipe) if recipe.attention.train_pattern == "s2" else 0
+    attn = attention_implementation(recipe.attention.backend, device, training=True, s2_group=group)
     before = model.config._attn_implementation
     model.set_attn_implementation(attn)
     changes.append(f"attention: {attn}")
+    if group:
+        changes.append(f"attention pattern: S²-Attn in training (causal in groups of {group} tokens, half of the heads "
+                       f"shifted by {group // 2}); evaluation, generation and export use full attention")
     undo.append(lambda: model.set_attn_implementation(before))
     if device.type == "cuda":  # the kernels need a GPU; CPU runs keep transformers' own code
         from longctx.kernels.rms_norm import use_fused_rms_norm

@@ -5,7 +5,9 @@ attention works per token, so it runs on the shard. Inside attention DeepSpeed's
 `UlyssesSPAttentionHF` all-to-alls q/k/v so that each rank holds every token for heads/sp of
 the heads (key/value heads fewer than sp are repeated first), gathers the global position_ids
 (our backends read document boundaries from them), calls the attention underneath, and
-all-to-alls the output back to the token shard.
+all-to-alls the output back to the token shard. S²-Attn's roll of the shifted heads therefore
+runs on whole sequences, on the ranks holding those heads; the wrapper tells our attention which
+of the model's heads a rank holds.
 
 We wrap our own attention under a new name instead of calling DeepSpeed's
 `register_with_transformers`, which overwrites the backend's entry for every model in the
@@ -14,6 +16,7 @@ process, builds process groups of its own and refuses any backend whose name is 
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -93,8 +96,11 @@ def use_ulysses(model: torch.nn.Module, group: dist.ProcessGroup, micro_batch_si
     heads, kv_heads = model_heads(model.config)
     if sp not in allowed_degrees(heads, kv_heads):
         raise ValueError(f"sequence parallel over {sp} ranks: {heads} heads / {kv_heads} kv heads do not split")
+    # after the all-to-all this rank holds whole sequences for heads [rank * heads/sp, (rank + 1) * heads/sp):
+    # S²-Attn (our attention's only use of it) shifts those of them in the model's second half of heads
+    head_range = (dist.get_rank(group) * heads // sp, heads)
     ulysses = UlyssesSPAttentionHF(
-        attn=ALL_ATTENTION_FUNCTIONS[inner],
+        attn=functools.partial(ALL_ATTENTION_FUNCTIONS[inner], head_range=head_range),
         batch_size=micro_batch_size,
         attn_head_count=heads,
         attn_head_size=getattr(text, "head_dim", None) or text.hidden_size // heads,

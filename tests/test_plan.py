@@ -85,6 +85,22 @@ def test_loss_and_attention_switches_by_hand():
     assert eager.gpu["layer working set"] - flash2.gpu["layer working set"] == 16 * n * n * (4 + 2)
 
 
+def test_s2_attention_scores_and_masks_span_one_group():
+    n, group = 16384, 4096
+    eager = Features(attention="eager")
+    full = estimate(LLAMA_8B, eager, Settings(sp=2), Cluster(gpus_per_node=2), n)
+    s2 = estimate(LLAMA_8B, replace(eager, attention_group=group), Settings(sp=2), Cluster(gpus_per_node=2), n)
+    # each of this rank's 16 heads keeps (seq x group) fp32 probabilities and their bf16 cast, not (seq x seq)
+    assert full.gpu["layer working set"] - s2.gpu["layer working set"] == 16 * n * (n - group) * (4 + 2)
+    assert s2.gpu["attention mask"] == n * group * 2
+    # linear-memory kernels keep what they kept: S²-Attn saves them time, not memory
+    flash = estimate(LLAMA_8B, Features(), Settings(), ONE_H100, n)
+    assert estimate(LLAMA_8B, Features(attention_group=group), Settings(), ONE_H100, n).gpu == flash.gpu
+    # a recipe: groups of a quarter of the sequence by default, run by auto in our kernel (not cuDNN)
+    _, f, _ = from_recipe(load_recipe(RECIPE, ["attention.train_pattern=s2", f"data.seq_len={n}"]))
+    assert (f.attention, f.attention_group) == ("flash", n // 4)
+
+
 def test_plain_hf_anchor_16k_fits_near_47_gib_and_32k_does_not():
     """The project's measured anchor on an H100 80 GB: 16K trains at ~47 GiB peak, 32K runs out of memory."""
     at_16k = estimate(LLAMA_8B, PLAIN_HF, HF_SETTINGS, ONE_H100, 16384)

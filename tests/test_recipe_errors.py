@@ -35,6 +35,8 @@ def run_launcher(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
         ("--bogus", "longctx train: unrecognized arguments: --bogus"),
         ("train.gpu_checkpoint_layers=1", "train.gpu_checkpoint_layers=1: applies to train.checkpointing=offload only"),
         ("train.checkpointing=offload train.gpu_checkpoint_layers=99", "train.gpu_checkpoint_layers=99: the model has"),
+        ("attention.train_pattern=s2 attention.s2_group=96",
+         "attention.s2_group=96: must be an even divisor of data.seq_len=1024; allowed: 128|256|512|..."),
         # rules that read the recipe's files: still before anything is written
         ("rope.method=theta", "rope.method=theta: needs rope.theta"),
         ("attention.backend=flex", "attention.backend=flex: torch's FlexAttention trains only on CUDA"),

@@ -3,7 +3,8 @@
 One `deepspeed` launch of 4 CPU ranks (gloo) runs this file as its script: every rank builds the
 same tiny Llama with LoRA and the same packed batch, computes sp = 1 alone, sp = 2 in its pair
 of ranks and sp = 4 with all of them, for the attention backends that train on CPU, with GQA
-(kv heads = 2 < sp = 4, so repeated) and MQA. Rank 0 writes the differences; the test reads
+(kv heads = 2 < sp = 4, so repeated) and MQA, with full attention and with S²-Attn (each rank rolls the
+shifted heads it holds, on whole sequences). Rank 0 writes the differences; the test reads
 them. A control breaks one thing the design depends on (global positions) and must differ.
 """
 
@@ -18,7 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 HEAD_LAYOUTS = {"gqa": (4, 2), "mqa": (4, 1)}  # (attention heads, key/value heads)
 # flex has no backward on CPU; the backends differ below the wrapper, so the other layout needs one
-CASES = [("gqa", "sdpa"), ("gqa", "eager"), ("gqa", "triton"), ("mqa", "sdpa")]
+CASES = [("gqa", "sdpa", 0), ("gqa", "eager", 0), ("gqa", "triton", 0), ("mqa", "sdpa", 0), ("gqa", "sdpa", 16),
+         ("mqa", "eager", 16)]  # (head layout, attention.backend, S²-Attn group: 0 = full attention)
 SEQ_LEN, MICRO_BATCH = 64, 2
 TOL = 1e-5
 
@@ -38,7 +40,7 @@ def packed_batch():
     return {k: torch.from_numpy(getattr(packed, k)[:MICRO_BATCH]).long() for k in keys}
 
 
-def lora_model(heads: int, kv_heads: int, backend: str):
+def lora_model(heads: int, kv_heads: int, backend: str, s2_group: int = 0):
     """A tiny Llama with LoRA everywhere; adapters drawn at random so every one has a gradient."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -51,7 +53,7 @@ def lora_model(heads: int, kv_heads: int, backend: str):
     config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, head_dim=16,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256)
     model = LlamaForCausalLM(config).float()
-    model.set_attn_implementation(attention_implementation(backend))
+    model.set_attn_implementation(attention_implementation(backend, s2_group=s2_group))
     model = add_lora(model, LoraSection(enabled=True, r=4, train_norms=True))
     for p in model.parameters():
         if p.requires_grad:
@@ -105,20 +107,22 @@ def run_ranks(out: Path) -> None:
     batch = packed_batch()
     results = {}
     references = {}
-    for layout, backend in CASES:
+    for layout, backend, s2_group in CASES:
         heads, kv_heads = HEAD_LAYOUTS[layout]
-        references[layout, backend] = loss_and_grads(lora_model(heads, kv_heads, backend), batch)
+        references[layout, backend, s2_group] = loss_and_grads(lora_model(heads, kv_heads, backend, s2_group), batch)
         for sp, group in groups.items():
-            model = lora_model(heads, kv_heads, backend)
+            model = lora_model(heads, kv_heads, backend, s2_group)
             use_ulysses(model, group, MICRO_BATCH)
-            results[f"{layout}-{backend}-sp{sp}"] = compare(
-                loss_and_grads(model, shard_batch(batch, dist.get_rank(group), sp), group), references[layout, backend])
+            results[f"{layout}-{backend}-s2g{s2_group}-sp{sp}"] = compare(
+                loss_and_grads(model, shard_batch(batch, dist.get_rank(group), sp), group),
+                references[layout, backend, s2_group])
     # control: positions restarted on every shard (local, not global) must change loss and gradients
     model = lora_model(4, 2, "sdpa")
     use_ulysses(model, groups[2], MICRO_BATCH)
     shard = shard_batch(batch, dist.get_rank(groups[2]), 2)
     shard["position_ids"] = shard["position_ids"] - shard["position_ids"][:, :1]
-    results["control-local-positions-sp2"] = compare(loss_and_grads(model, shard, groups[2]), references["gqa", "sdpa"])
+    results["control-local-positions-sp2"] = compare(loss_and_grads(model, shard, groups[2]),
+                                                     references["gqa", "sdpa", 0])
     if rank == 0:
         out.write_text(json.dumps(results, indent=1))
     dist.barrier()
@@ -134,7 +138,7 @@ def test_sp2_and_sp4_loss_and_lora_grads_equal_sp1(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
-    cases = [f"{layout}-{backend}-sp{sp}" for layout, backend in CASES for sp in (2, 4)]
+    cases = [f"{layout}-{backend}-s2g{s2_group}-sp{sp}" for layout, backend, s2_group in CASES for sp in (2, 4)]
     assert sorted(k for k in results if not k.startswith("control")) == sorted(cases)
     for case in cases:
         r = results[case]
