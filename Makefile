@@ -38,14 +38,16 @@ else
 	.venv/bin/deepspeed --num_gpus 2 --master_port $(FREE_PORT) launcher/run.py --config recipes/demo-cpu.yaml
 endif
 
+# the suite in TEST_WORKERS processes (pytest-xdist): most tests use one core, so a second worker shortens it
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # newest releases in their own venv; constraints.txt moves only when the suite passes on them
 test-latest:
 	rm -rf .venv-latest
 	$(call install,.venv-latest,--upgrade)
-	.venv-latest/bin/python -m pytest -q
+	.venv-latest/bin/python -m pytest -q -n $(TEST_WORKERS)
 	.venv-latest/bin/python -m pip freeze --exclude-editable | grep -viE '^(torch|triton|nvidia-.*|cuda-.*)==' > constraints.txt
 	@echo "constraints.txt moved to the newest versions (review with git diff)"
 
