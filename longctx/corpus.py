@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
+from longctx.config import ConfigError
+from longctx.passkey import build_prompt, minimum_length, needles, task_frame
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -60,15 +63,12 @@ def passkey_episodes(tokenizer: PreTrainedTokenizerBase, haystack: np.ndarray, c
                      max_tokens: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """At least `count` passkey episodes filling whole windows of `seq_len`: (token ids, loss mask, lengths).
 
-    An episode is the evaluation's passkey prompt (`longctx.evaluation.needle`: instruction, haystack with the key
+    An episode is the evaluation's passkey prompt (`longctx.passkey`: instruction, haystack with the key
     at a uniform depth, question, the answer opened in the model's chat template) followed by the key: only the key
     and the end of the turn carry loss, so a window of episodes trains retrieval alone, at full strength. The
     haystack is training text (`haystack`, token ids), never the evaluations' prose. Lengths are log-uniform from
     1/32 of `max_tokens` to all of it and depths uniform, so keys are asked for from every distance; a window's
     last episode takes what is left of it, so no episode is cut by a window boundary."""
-    from longctx.config import ConfigError
-    from longctx.evaluation.needle import build_prompt, minimum_length, needles, task_frame
-
     rng = random.Random(seed)
     head, tail, _ = task_frame(tokenizer, 1, "one")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []

@@ -10,7 +10,8 @@ from tokenizers import Tokenizer, decoders, models
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from longctx.evaluation.common import first_numbers_match, greedy, token_stream
-from longctx.evaluation.needle import build_prompt, minimum_length, needle_grid, needles, task_frame
+from longctx.evaluation.needle import needle_grid
+from longctx.passkey import build_prompt, minimum_length, needles, task_frame
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ def test_passkey_episodes_ask_the_evaluation_question_over_training_text_at_ever
     import numpy as np
     from transformers import AutoTokenizer
 
-    from longctx.evaluation.needle import needles
+    from longctx.passkey import needles
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     haystack = np.asarray(tok(stdlib_packages(1).__next__()["text"][:200_000], add_special_tokens=False)["input_ids"])

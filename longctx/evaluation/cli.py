@@ -14,7 +14,7 @@ from longctx.config import ConfigError
 from longctx.evaluation.common import (document_texts, load_model, model_name, parse_fractions, parse_lengths,
                                        rope_override, rope_variants)
 from longctx.evaluation.middle import MAX_PASSAGES
-from longctx.evaluation.needle import MAX_NEEDLES
+from longctx.passkey import MAX_NEEDLES
 from longctx.evaluation.reports import (check_needle_lengths, long_documents, middle_report, needle_report, ppl_report,
                                         summary_line)
 

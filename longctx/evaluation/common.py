@@ -182,36 +182,6 @@ def document_texts(paths: list[str]) -> list[str]:
     return texts
 
 
-def bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The tokens a document starts with in training (`longctx.data` frames documents with bos)."""
-    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-
-
-CONTEXT = "\x00context\x00"  # stands for the long context while a chat template renders the prompt around it
-
-
-def frame(tokenizer: PreTrainedTokenizerBase, instruction: str, question: str, answer_start: str,
-          chat_template: bool = True) -> tuple[list[int], list[int], str]:
-    """(head, tail, how): a prompt is head + context + tail, the context in whatever tokens the caller counts.
-
-    With a chat template (and `chat_template`), the way the model was tuned: one user turn holding the
-    instruction, the context and the question, then the assistant's turn opened with `answer_start`, which the
-    model completes. Otherwise plain text, as a document starts in training: bos, the instruction, a blank line,
-    the context, a blank line, `Question: ...` and `Answer: <answer_start>`. Without the instruction and the
-    marked question a model reads the question as more of the context, cut mid-sentence, and continues that."""
-    def ids(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        content = f"{instruction}\n\n{CONTEXT}\n\n{question}"
-        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
-        if text.count(CONTEXT) == 1:  # the template wrote the message as given (it renders bos itself, if any)
-            head, tail = text.split(CONTEXT)
-            return ids(head), ids(tail + answer_start), "chat template"
-    return bos(tokenizer) + ids(f"{instruction}\n\n"), ids(f"\n\nQuestion: {question}\nAnswer: {answer_start}"), "plain"
-
-
 def corpus_texts() -> list[str]:
     """The embedded evaluation text: English prose that no embedded training document holds."""
     from longctx.corpus import held_out_prose

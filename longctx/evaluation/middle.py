@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from longctx.chunking import reorder
-from longctx.evaluation.common import Generate, bos, first_numbers_match
+from longctx.evaluation.common import Generate, first_numbers_match
+from longctx.passkey import bos
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

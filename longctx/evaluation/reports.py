@@ -10,10 +10,11 @@ import numpy as np
 
 from longctx.config import ConfigError
 from longctx.evaluation import plots
-from longctx.evaluation.common import bos, corpus_texts, greedy, short, token_stream
+from longctx.evaluation.common import corpus_texts, greedy, short, token_stream
 from longctx.evaluation.middle import rank_sweep
-from longctx.evaluation.needle import minimum_length, needle_grid
+from longctx.evaluation.needle import needle_grid
 from longctx.evaluation.ppl import perplexity_by_length
+from longctx.passkey import bos, minimum_length
 
 if TYPE_CHECKING:
     import torch
