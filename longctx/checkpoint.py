@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from longctx.config import ConfigError, Recipe
+from longctx.config import ConfigError, Recipe, flatten
 from longctx.fault_injection import inject
 
 if TYPE_CHECKING:
@@ -66,19 +66,12 @@ def check_resumable(path: Path, world_size: int, expected: dict[str, Any]) -> No
     how = "resume with the same value, or start anew in another train.out_dir (or train.resume=never)"
     if not (path / IDENTITY).is_file():
         raise ConfigError(f"train.resume: {path} does not record the recipe that wrote it, so it cannot be checked; {how}")
-    saved = _flat(json.loads((path / IDENTITY).read_text()))
-    expected = _flat(expected)
+    saved = flatten(json.loads((path / IDENTITY).read_text()))
+    expected = flatten(expected)
     for key in dict.fromkeys([*saved, *expected]):
         if saved.get(key) != expected.get(key):
             raise ConfigError(f"train.resume: {path} was written with {key}={saved.get(key)!r}, this run has "
                               f"{key}={expected.get(key)!r}; {how}")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
 
 
 def resolve_resume(resume: str, root: Path) -> Path | None:

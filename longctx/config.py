@@ -235,13 +235,14 @@ def _type_error(key: str, value: Any, err: Exception) -> ConfigError:
     return ConfigError(f"{key}={value!r}: wrong type ({str(err).splitlines()[0]})")
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested sections as dotted keys: {"a": {"b": 1}} -> {"a.b": 1}."""
     out = {}
     for k, v in d.items():
         if v is None and not prefix and k in {f.name for f in fields(Recipe)}:
             continue  # a section whose keys are all commented out: YAML reads it as null
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -270,7 +271,7 @@ def load_recipe(path: Optional[str], overrides: list[str] = ()) -> Recipe:
             raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(raw, DictConfig):
             raise ConfigError(f"--config {path}: a recipe is a mapping of sections")
-        for key, value in _flatten(OmegaConf.to_container(raw)).items():
+        for key, value in flatten(OmegaConf.to_container(raw)).items():
             _merge(base, key, value)
     for item in overrides:
         key, value = _parse_override(item)
