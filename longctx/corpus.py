@@ -66,9 +66,11 @@ def passkey_episodes(tokenizer: PreTrainedTokenizerBase, haystack: np.ndarray, c
     An episode is the evaluation's passkey prompt (`longctx.passkey`: instruction, haystack with the key
     at a uniform depth, question, the answer opened in the model's chat template) followed by the key: only the key
     and the end of the turn carry loss, so a window of episodes trains retrieval alone, at full strength. The
-    haystack is training text (`haystack`, token ids), never the evaluations' prose. Lengths are log-uniform from
-    1/32 of `max_tokens` to all of it and depths uniform, so keys are asked for from every distance; a window's
-    last episode takes what is left of it, so no episode is cut by a window boundary."""
+    haystack is training text (`haystack`, token ids), never the evaluations' prose. Lengths are drawn log-uniform
+    from 1/32 of `max_tokens` to twice it and clipped to it, so a sixth of the episodes are as long as allowed: the
+    farthest keys, the hardest, are not left to a thin tail. Depths follow the arcsine law, dense at both ends, where
+    a key sits farthest from the question or right beside the instruction. A window's last episode takes what is
+    left of it, so no episode is cut by a window boundary."""
     rng = random.Random(seed)
     head, tail, _ = task_frame(tokenizer, 1, "one")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -82,14 +84,14 @@ def passkey_episodes(tokenizer: PreTrainedTokenizerBase, haystack: np.ndarray, c
     ids, mask, lengths, total = [], [], [], 0
     while len(lengths) < count or total % seq_len:
         left = seq_len - total % seq_len
-        length = round(math.exp(rng.uniform(math.log(low), math.log(max(low, longest)))))
+        length = min(longest, round(math.exp(rng.uniform(math.log(low), math.log(2 * max(low, longest))))))
         if length > left - low:  # what would be left is shorter than any episode: take it all
             length = left
         key = str(rng.randint(10000, 99999))
         answer = tokenizer(f" {key}.", add_special_tokens=False)["input_ids"] + eos
         start = rng.randint(0, len(haystack) - length)
         prompt = build_prompt(tokenizer, haystack[start:start + length].tolist(), length - len(answer),
-                              rng.random(), needles([key], "one").texts, head, tail, rng)
+                              math.sin(math.pi / 2 * rng.random()) ** 2, needles([key], "one").texts, head, tail, rng)
         ids.append(np.asarray(prompt + answer, dtype=np.int64))
         mask.append(np.repeat([False, True], [len(prompt), len(answer)]))
         lengths.append(length)

@@ -51,14 +51,18 @@ def test_passkey_episodes_ask_the_evaluation_question_over_training_text_at_ever
     haystack = np.asarray(tok(stdlib_packages(1).__next__()["text"][:200_000], add_special_tokens=False)["input_ids"])
     ids, mask, lengths = passkey_episodes(tok, haystack, count=40, seq_len=65536, max_tokens=0, seed=0)
     assert len(lengths) >= 40 and lengths.sum() % 65536 == 0 and len(ids) == len(mask) == lengths.sum()
-    assert lengths.min() >= 65536 // 32 and lengths.max() > 65536 // 2  # from 2K to the whole window
+    assert lengths.min() >= 65536 // 32 and (lengths == 65536).sum() >= 3  # from 2K to whole windows
     task = needles(["0"], "one")
+    depths = []
     for episode, loss in zip(np.split(ids, np.cumsum(lengths)[:-1]), np.split(mask, np.cumsum(lengths)[:-1])):
         prompt, answer = tok.decode(episode[~loss]), tok.decode(episode[loss])
+        depths.append(prompt.index("The pass key is") / len(prompt))
         key = re.fullmatch(r" (\d{5})\.\S*", answer).group(1)  # the key, then the end of the turn
         assert loss[-len(episode[loss]):].all()  # the answer closes the episode: nothing after it carries loss
         assert task.instruction in prompt and prompt.rstrip().endswith(task.answer_start)
         assert f"The pass key is {key}. Remember it." in prompt
+    ends = np.mean((np.array(depths) < 0.1) | (np.array(depths) > 0.9))
+    assert ends > 0.3  # the arcsine law puts 41% of keys in the outer tenths (uniform depths: 20%)
 
 
 def test_codec_tables_are_not_training_documents():
