@@ -4,34 +4,19 @@ import logging
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import loss_and_grads, tiny_llama
 
 from longctx.attention import attention_forward, attention_implementation, auto_choice, documents, log_auto_choice
-from longctx.loss import causal_lm_loss
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 TOL = 1e-4 if CUDA else 1e-5  # fp32 throughout; GPU kernels sum in another order
 
 
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return LlamaForCausalLM(config).float().to(DEVICE)
-
-
 def shifted(ids: torch.Tensor) -> torch.Tensor:
     labels = torch.full_like(ids, -100)
     labels[:, :-1] = ids[:, 1:]
     return labels
-
-
-def loss_and_grads(model, ids, positions, labels):
-    model.zero_grad()
-    loss_sum, n = causal_lm_loss(model, ids, positions, labels, chunk_tokens=16)
-    loss_sum.backward()
-    return loss_sum.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
 def random_qkv(batch: int, seq_q: int, seq_k: int, seed: int):
@@ -53,12 +38,12 @@ def test_packed_documents_equal_documents_one_by_one(backend):
     ids = torch.cat(docs, 1)
     positions = torch.cat([torch.arange(n) for n in lengths])[None].to(DEVICE)
     labels = torch.cat([shifted(d) for d in docs], 1)  # no token predicts across a boundary
-    packed_loss, packed_n, packed_grads = loss_and_grads(model, ids, positions, labels)
+    packed_loss, packed_grads = loss_and_grads(model, ids, positions, labels)
 
     total = torch.zeros((), device=DEVICE)
     grads = {k: torch.zeros_like(g) for k, g in packed_grads.items()}
     for d in docs:
-        loss, _, g = loss_and_grads(model, d, torch.arange(d.shape[1], device=DEVICE)[None], shifted(d))
+        loss, g = loss_and_grads(model, d, torch.arange(d.shape[1], device=DEVICE)[None], shifted(d))
         total += loss
         for k in grads:
             grads[k] += g[k]
@@ -66,7 +51,7 @@ def test_packed_documents_equal_documents_one_by_one(backend):
     for k in grads:
         torch.testing.assert_close(packed_grads[k], grads[k], rtol=10 * TOL, atol=TOL, msg=k)
     # and the document mask matters: the same tokens as one document give another loss
-    whole, _, _ = loss_and_grads(model, ids, torch.arange(ids.shape[1], device=DEVICE)[None], labels)
+    whole, _ = loss_and_grads(model, ids, torch.arange(ids.shape[1], device=DEVICE)[None], labels)
     assert (whole - packed_loss).abs() > 1e-3
 
 

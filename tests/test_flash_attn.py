@@ -5,6 +5,7 @@ On CPU the kernels run in Triton's interpreter at tiny shapes (fp32); on GPU at 
 
 import pytest
 import torch
+from helpers import rel_err
 
 from longctx.kernels import flash_attn
 from longctx.kernels.flash_attn import flash_attn_func, flash_attn_varlen_func, reference_attention
@@ -12,10 +13,6 @@ from longctx.kernels.flash_attn import flash_attn_func, flash_attn_varlen_func, 
 CUDA = torch.cuda.is_available()
 # small cases run in fp32: in the interpreter on CPU, on the GPU with full-precision dots
 DEVICE, SMALL_TOL = ("cuda", 1e-4) if CUDA else ("cpu", 1e-5)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def check(lengths_q, lengths_k, heads, kv_heads, dim, causal, dtype, device, tol):

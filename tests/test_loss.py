@@ -2,21 +2,11 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import rel_err, tiny_llama
 
 from longctx.loss import IGNORE_INDEX, causal_lm_loss, chunked_lm_loss
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return LlamaForCausalLM(config).float().to(DEVICE)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def grads(model) -> dict[str, torch.Tensor]:
@@ -25,8 +15,7 @@ def grads(model) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("chunk_tokens", [7, 64, 1000])
 def test_chunked_loss_equals_transformers_loss_and_grads(chunk_tokens):
-    torch.manual_seed(chunk_tokens)
-    model = tiny_llama()
+    model = tiny_llama(seed=chunk_tokens, vocab_size=211)  # the seed draws the batch below too
     ids = torch.randint(0, 211, (2, 45), device=DEVICE)
     hf_labels = ids.clone()
     hf_labels[torch.rand(ids.shape, device=DEVICE) < 0.3] = IGNORE_INDEX  # ignore_index inside the rows

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from helpers import rel_err
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -12,10 +13,6 @@ from longctx.kernels.rope import apply_rope, rope_reference, use_fused_rope
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # relative error of the kernel against the float32 reference: float32 arithmetic, or one rounding to the dtype
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

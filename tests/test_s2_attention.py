@@ -4,12 +4,12 @@ at the sequence end, a Ulysses rank's share of heads, and a tiny Llama trained t
 
 import pytest
 import torch
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+from helpers import loss_and_grads, rel_err, tiny_llama
+from transformers import AttentionInterface, LlamaConfig
 from transformers.masking_utils import AttentionMaskInterface
 
 from longctx.attention import attention_forward, attention_implementation, no_mask
 from longctx.config import ConfigError, load_recipe, s2_group
-from longctx.loss import causal_lm_loss
 from longctx.model import patch_model
 from longctx.s2_attention import reference_s2_attention
 
@@ -22,10 +22,6 @@ G = 8  # tokens per group: rows of 32 tokens hold 4 groups
 # and 3 tokens, the third reaching from the row's first half-group to its last
 PACKED = torch.cat([torch.arange(32), torch.cat([torch.arange(n) for n in (1, 2, 26, 3)])]).view(2, 32)
 ONE_PER_ROW = torch.arange(32).expand(2, 32)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def starts_of(positions: torch.Tensor) -> torch.Tensor:
@@ -114,25 +110,11 @@ def test_a_ulysses_rank_shifts_the_model_heads_it_holds(heads, kv_heads, sp):
     torch.testing.assert_close(torch.cat(parts, 2), whole, rtol=1e-12, atol=1e-12)
 
 
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, head_dim=16,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return LlamaForCausalLM(config).float().to(DEVICE)
-
-
 def reference_attention_fn(module, query, key, value, attention_mask, scaling=None, position_ids=None, **kwargs):
     """The float64 reference plugged into transformers as an attention implementation."""
     out = reference_s2_attention(*(x.transpose(1, 2).double() for x in (query, key, value)), starts_of(position_ids),
                                  G, scaling)
     return out.to(query.dtype), None
-
-
-def loss_and_grads(model, ids, positions, labels):
-    model.zero_grad()
-    loss_sum, _ = causal_lm_loss(model, ids, positions, labels, chunk_tokens=16)
-    loss_sum.backward()
-    return loss_sum.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("backend", ["triton", "auto"])
@@ -143,7 +125,7 @@ def test_tiny_llama_trains_like_the_reference_and_evaluates_with_full_attention(
     labels[torch.roll(positions, -1, 1) == 0] = -100  # no token predicts across a document or row boundary
     AttentionInterface.register("s2_reference", reference_attention_fn)
     AttentionMaskInterface.register("s2_reference", no_mask)
-    model = tiny_llama().train()
+    model = tiny_llama()
     model.set_attn_implementation("s2_reference")
     ref_loss, ref_grads = loss_and_grads(model, ids, positions, labels)
 
