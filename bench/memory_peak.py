@@ -63,8 +63,7 @@ def main() -> None:
 
     import torch
 
-    import longctx.model
-    from longctx.checkpointing import Layout
+    from longctx.activation_checkpointing import Layout
     from longctx.config import load_recipe
     from longctx.launcher.plan import Cluster, estimate, from_recipe
 
@@ -75,8 +74,7 @@ def main() -> None:
         layout = None
     if layout is None or min(layout.host, layout.gpu, layout.plain) < 0 or layout.layers != layers:
         p.error(f"--layout {args.layout!r}: expected host/gpu/plain, three whole numbers >= 0 adding up to {layers}")
-    longctx.model.checkpoint_layout = lambda *a, **k: layout  # the layout asked for, not the planner's choice
-    model, optimizer, config, _ = single_gpu.build("longctx", args.tokens, [])
+    model, optimizer, config, _ = single_gpu.build("longctx", args.tokens, [], layout)  # not the planner's choice
     gen = torch.Generator(device="cuda").manual_seed(args.tokens)
     warm = torch.randint(0, config.vocab_size, (1, single_gpu.WARMUP_TOKENS), device="cuda", generator=gen)
     single_gpu.train_step("longctx", model, optimizer, warm)

@@ -224,7 +224,7 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from longctx.launcher.topology import init_topology
+    from longctx.topology import init_topology
     from longctx.train import peak_memory_gib
 
     sp = int(os.environ["WORLD_SIZE"])  # every GPU shares the one sequence: dp = 1

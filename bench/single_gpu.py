@@ -9,7 +9,7 @@ poison the next):
     ds-cpu   ds + torch.autograd.graph.save_on_cpu(pin_memory=True)
     longctx  ours, as the recipe llama3-8b-lora-1gpu sets it up: the checkpointing layout the planner
              picks (layers not checkpointed, inputs on the GPU or in pinned host memory:
-             longctx.checkpointing), chunked loss (longctx.loss), tiled MLP from 32K
+             longctx.activation_checkpointing), chunked loss (longctx.loss), tiled MLP from 32K
              (longctx.tiled_mlp), fused RoPE and RMSNorm (kernels/), our auto attention (SDPA with
              cuDNN first for one document per row)
     qlora    longctx with the decoder layers' linears frozen in 4-bit NF4 (model.quantize=nf4, bitsandbytes),
@@ -114,8 +114,9 @@ def model_flops(config, tokens: int) -> float:
     return 3 * tokens * (2 * linear + attention)
 
 
-def build(stack: str, seq_len: int, overrides: list[str]):
-    """The LoRA model of one stack, its optimizer, and what was patched (for the record)."""
+def build(stack: str, seq_len: int, overrides: list[str], layout=None):
+    """The LoRA model of one stack, its optimizer, and what was patched (for the record). `layout`: our stacks'
+    checkpointing layout (None: the planner's for this GPU)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -133,13 +134,19 @@ def build(stack: str, seq_len: int, overrides: list[str]):
     record = {}
     if stack in OURS:
         from longctx.config import load_recipe
+        from longctx.launcher.plan import Cluster, estimate, from_recipe
         from longctx.model import patch_model
 
         # what `launcher/run.py --config recipes/llama3-8b-lora-1gpu.yaml data.seq_len=N` does to the model
-        # before LoRA: our attention, fused RoPE and RMSNorm, the checkpointing layout the planner picks, tiled MLP
+        # before LoRA: our attention, fused RoPE and RMSNorm, the checkpointing layout the planner picks for this
+        # GPU (its --gpu-mem share), tiled MLP
         recipe = load_recipe(str(RECIPE), [f"data.seq_len={seq_len}", *overrides])
+        if layout is None:
+            gpu_mem = int(torch.cuda.get_device_properties(0).total_memory
+                          * torch.cuda.get_per_process_memory_fraction(0))
+            layout = estimate(*from_recipe(recipe), Cluster(gpus_per_node=1, gpu_mem=gpu_mem), seq_len).layout
         t0 = time.perf_counter()
-        record["changes"] = patch_model(model, recipe, torch.device("cuda"), world=1).changes
+        record["changes"] = patch_model(model, recipe, torch.device("cuda"), layout).changes
         record["patch_s"] = round(time.perf_counter() - t0, 1)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS),
                            autocast_adapter_dtype=False)

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
-from longctx.checkpointing import PROCESS_HOST_BYTES, Layout, choose_layout, layout_for
+from longctx.activation_checkpointing import PROCESS_HOST_BYTES, Layout, choose_layout, layout_for
 from longctx.config import LORA_TARGETS_ALL, ConfigError, Recipe, load_recipe, s2_group
 from longctx.launcher.dsconfig import template
 from longctx.sequence_parallel import allowed_degrees, check_layout
@@ -513,12 +513,10 @@ def from_recipe(recipe: Recipe, on_gpu: bool = True) -> tuple[ModelShape, Featur
                               t.gpu_checkpoint_layers)
 
 
-def refusal(recipe: Recipe, cluster: Cluster) -> Optional[str]:
-    """Why the recipe's step cannot fit on this cluster's GPUs or host memory (with the numbers), or None."""
+def refusal(recipe: Recipe, cluster: Cluster, est: Estimate) -> str:
+    """Why the recipe's step, estimated as `est`, cannot fit on this cluster's GPUs or host memory: the
+    numbers, the longest sequence that fits and settings that would."""
     shape, f, s = from_recipe(recipe)
-    est = estimate(shape, f, s, cluster, recipe.data.seq_len)
-    if est.fits:
-        return None
     longest = longest_fitting(shape, f, s, cluster)
     chosen = choose(shape, f, cluster, recipe.data.seq_len, s, set(SEARCHABLE))
     instead = f"settings that fit: {chosen.settings.describe()}" if chosen else "no settings fit on these GPUs"

@@ -2,9 +2,10 @@
 
 Also `python launcher/run.py ...` (one process), `longctx train ...`, `srun python launcher/run.py`
 and `mpirun -n N python launcher/run.py` (ranks discovered from SLURM/MPI variables). The recipe
-is validated against the schema and its files (model config, tokenizer, data, checkpoint), and
-on GPUs against the memory planner, before anything is loaded or written; a bad value or a step
-that cannot fit exits with code 2 and one line.
+is validated against the schema and its files (model config, tokenizer, data, checkpoint), then
+planned once for this job (`resolve`): the result, a `ResolvedRun`, is what `longctx.train`
+executes. A bad value or a step that cannot fit exits with code 2 and one line, before anything
+is loaded or written.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from longctx.checkpoint import resolve_resume, saved_step, tag_for
+from longctx.checkpoint import saved_step, tag_for
 from longctx.cli import ArgParser
 from longctx.config import ConfigError, Recipe, load_recipe
 from longctx.launcher.discovery import DiscoveryError, check_master_port, discover, free_port
+from longctx.resolved_run import ResolvedRun
 
 if TYPE_CHECKING:
     from longctx.launcher.plan import Cluster
@@ -62,7 +64,7 @@ def gpu_memory() -> int | None:
 def job_cluster() -> Cluster:
     """This job as the planner sees it: ranks per node, memory of this rank's GPU (on CPU, the ranks
     of a node share its available memory), available host memory."""
-    from longctx.checkpointing import available_host_bytes
+    from longctx.activation_checkpointing import available_host_bytes
     from longctx.launcher.plan import Cluster
 
     world = int(os.environ["WORLD_SIZE"])
@@ -85,14 +87,33 @@ def resolve_parallel_auto(recipe: Recipe) -> Recipe:
     return recipe
 
 
-def check_plan(recipe: Recipe) -> None:
-    """On GPUs, refuse a step the planner says cannot fit the GPU or the host memory."""
-    from longctx.launcher.plan import refusal
+def resolve(recipe: Recipe, ignore_plan: bool, resume_from: Path | None) -> ResolvedRun:
+    """What the recipe leaves to this job, decided once: the DeepSpeed config (checked by DeepSpeed's parser)
+    and, on GPUs, the planner's estimate for this job's GPU and host memory, which refuses a step that cannot
+    fit and gives the checkpointing layout. On CPU, where activations live in host memory anyway,
+    `train.checkpointing=auto` is `full`."""
+    import torch
 
-    if gpu_memory() is not None:
-        reason = refusal(recipe, job_cluster())
-        if reason is not None:
-            raise ConfigError(reason)
+    from longctx.activation_checkpointing import layout_for
+    from longctx.launcher.dsconfig import build_ds_config, check_ds_config
+    from longctx.launcher.plan import estimate, from_recipe, refusal
+    from longctx.model import resolve_dtype
+
+    on_gpu = gpu_memory() is not None
+    dtype = resolve_dtype(recipe.model.dtype, torch.device("cuda" if on_gpu else "cpu"))
+    ds_config = build_ds_config(recipe, bf16=dtype == torch.bfloat16)
+    check_ds_config(ds_config)
+    shape, features, settings = from_recipe(recipe, on_gpu)
+    if not on_gpu:
+        t = recipe.train
+        layout = layout_for("full" if t.checkpointing == "auto" else t.checkpointing, shape.layers,
+                            t.gpu_checkpoint_layers)
+        return ResolvedRun(recipe, layout, ds_config, resume_from)
+    cluster = job_cluster()
+    est = estimate(shape, features, settings, cluster, recipe.data.seq_len)
+    if not est.fits and not ignore_plan:
+        raise ConfigError(refusal(recipe, cluster, est))
+    return ResolvedRun(recipe, est.layout, ds_config, resume_from, est.gpu_peak, cluster.gpu_mem)
 
 
 def refuse(error: Exception) -> int:
@@ -111,13 +132,12 @@ def stopped(line: str | None) -> NoReturn:
     os._exit(1)
 
 
-def completed(recipe: Recipe) -> Path | None:
+def completed(run: ResolvedRun) -> Path | None:
     """The checkpoint of a run already trained to train.max_steps whose results are written, if this is one."""
-    run_dir = Path(recipe.train.out_dir)
-    last = resolve_resume(recipe.train.resume, run_dir / "checkpoints")
-    if last is None or saved_step(last) < recipe.train.max_steps:
+    last, t = run.resume_from, run.recipe.train
+    if last is None or saved_step(last) < t.max_steps:
         return None
-    return last if not recipe.train.export or (run_dir / "hf" / "config.json").is_file() else None
+    return last if not t.export or (Path(t.out_dir) / "hf" / "config.json").is_file() else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,15 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         check_world(recipe)
         from longctx.preflight import check_inputs
 
-        check_inputs(recipe)
-        if not args.ignore_plan:
-            check_plan(recipe)
+        run = resolve(recipe, args.ignore_plan, check_inputs(recipe))
         check_master_port()
     except (ConfigError, DiscoveryError) as e:
         return refuse(e)
     rank = int(os.environ["RANK"])
     run_dir = Path(recipe.train.out_dir)
-    done = completed(recipe)
+    done = completed(run)
     if done is not None:
         if rank == 0:
             print(f"{run_dir}: already trained to step {saved_step(done)} (train.max_steps="
@@ -152,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         format=f"[rank{rank}] %(asctime)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    from longctx.launcher.topology import init_topology
     from longctx.progress import Progress, collective_failure
+    from longctx.topology import init_topology
     from longctx.train import RunStopped, train
 
     topo = init_topology(recipe.parallel.sp, recipe.parallel.timeout_s)
@@ -161,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     progress = Progress(run_dir, rank)
     try:
-        summary = train(recipe, topo, run_dir, progress)
+        summary = train(run, topo, run_dir, progress)
     except ConfigError as e:  # a rule only the loaded data can check (e.g. too few tokens for one window)
         if rank == 0 and created:  # a refused run leaves nothing behind
             shutil.rmtree(run_dir, ignore_errors=True)

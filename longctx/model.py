@@ -14,7 +14,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transformers.initialization import no_init_weights
 
 from longctx.attention import attention_implementation
-from longctx.checkpointing import Layout, apply_checkpointing, layer_input_bytes, layout_for, require_host_memory
+from longctx.activation_checkpointing import (Layout, apply_checkpointing, layer_input_bytes, layout_for,
+                                              require_host_memory)
 from longctx.config import ConfigError, LoraSection, Recipe, s2_group
 from longctx.kernels.patch import ModelPatch
 from longctx.tiled_mlp import apply_tiled_mlp, use_tiled_mlp
@@ -57,12 +58,13 @@ def scaled_config(recipe: Recipe) -> tuple[PretrainedConfig, dict]:
     return scale_from_recipe(config, recipe.rope, default_target=recipe.data.seq_len)
 
 
-def build_model(recipe: Recipe, config: PretrainedConfig, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+def build_model(recipe: Recipe, config: PretrainedConfig, dtype: torch.dtype, device: torch.device,
+                ds_config: dict | None = None) -> torch.nn.Module:
     """Weights from model.path, or a seeded random init from model.config: transformers' init of each module
     without the draws of the modules' constructors, which is what ZeRO-3's partitioned init and the 4-bit
     layer-by-layer build draw too, so every path starts from the same weights. A random init runs on the rank's
     device (an 8B model initialises in seconds there, minutes on the host). Under ZeRO-3 in a process group each
-    rank builds or loads its partition only; with model.quantize=nf4 the model is built a decoder layer at a time
+    rank builds or loads its partition only (`ds_config`: the run's DeepSpeed config); with model.quantize=nf4 the model is built a decoder layer at a time
     on the device, in 4 bits."""
     torch.manual_seed(recipe.train.seed)
     if recipe.model.quantize == "nf4":
@@ -70,7 +72,10 @@ def build_model(recipe: Recipe, config: PretrainedConfig, dtype: torch.dtype, de
 
         return build_nf4_model(config, dtype, device, recipe.model.path)
     if recipe.parallel.zero_stage == 3 and torch.distributed.is_initialized():
-        return build_partitioned(recipe, config, dtype)
+        if ds_config is None:
+            raise ValueError("parallel.zero_stage=3 in a process group: the model is built into partitions, "
+                             "which needs the run's DeepSpeed config")
+        return build_partitioned(recipe, config, dtype, ds_config)
     if recipe.model.path is not None:
         return AutoModelForCausalLM.from_pretrained(recipe.model.path, config=config, dtype=dtype,
                                                     trust_remote_code=recipe.model.trust_remote_code)
@@ -80,17 +85,15 @@ def build_model(recipe: Recipe, config: PretrainedConfig, dtype: torch.dtype, de
     return model
 
 
-def build_partitioned(recipe: Recipe, config: PretrainedConfig, dtype: torch.dtype) -> torch.nn.Module:
+def build_partitioned(recipe: Recipe, config: PretrainedConfig, dtype: torch.dtype, ds_config: dict) -> torch.nn.Module:
     """The model built or loaded straight into this rank's ZeRO-3 partition (transformers' DeepSpeed integration
     runs construction under deepspeed.zero.Init and loads each tensor into its partitions), so host memory grows
     by about 1/world of the weights per rank, not by the whole model."""
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-    from longctx.launcher.dsconfig import build_ds_config
-
     # transformers reads the config through a global weak reference: alive while loading, gone after, so later
     # models (the export's, the evaluations') are built whole
-    ds_config = HfDeepSpeedConfig(build_ds_config(recipe, bf16=dtype == torch.bfloat16))  # noqa: F841
+    hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841
     remote = recipe.model.trust_remote_code
     try:
         if recipe.model.path is not None:
@@ -136,9 +139,11 @@ def add_lora(model: torch.nn.Module, section: LoraSection) -> torch.nn.Module:
     return lora
 
 
-def patch_model(model: torch.nn.Module, recipe: Recipe, device: torch.device, world: int = 1) -> ModelPatch:
+def patch_model(model: torch.nn.Module, recipe: Recipe, device: torch.device,
+                layout: Layout | None = None) -> ModelPatch:
     """Apply attention, RoPE and RMSNorm kernels, checkpointing and MLP tiling: a line per change for the run
-    log, and the undo of all of them."""
+    log, and the undo of all of them. `layout`: the launcher's checkpointing layout (None: the recipe's explicit
+    `train.checkpointing`; `auto` is the launcher's to resolve)."""
     changes, undo = [], []
     group = s2_group(recipe) if recipe.attention.train_pattern == "s2" else 0
     attn = attention_implementation(recipe.attention.backend, device, training=True, s2_group=group)
@@ -161,30 +166,14 @@ def patch_model(model: torch.nn.Module, recipe: Recipe, device: torch.device, wo
                 continue
             changes += patch.changes
             undo.append(patch.undo)
-    memory = apply_memory_features(model, recipe, device, world)
+    if layout is None:
+        layout = layout_for(recipe.train.checkpointing, model.config.num_hidden_layers,
+                            recipe.train.gpu_checkpoint_layers)
+    memory = apply_memory_features(model, recipe, device, layout)
     return ModelPatch(changes + memory.changes, undo + [memory.undo])
 
 
-def checkpoint_layout(recipe: Recipe, n_layers: int, device: torch.device, world: int) -> Layout:
-    """The recipe's checkpointing layout. `auto` asks the planner what fits this GPU; on CPU,
-    where activations live in host memory anyway, it is `full`."""
-    policy = recipe.train.checkpointing
-    if policy != "auto":
-        return layout_for(policy, n_layers, recipe.train.gpu_checkpoint_layers)
-    if device.type != "cuda":
-        return layout_for("full", n_layers)
-    from longctx.launcher.plan import Cluster, estimate, from_recipe
-
-    shape, features, settings = from_recipe(recipe)
-    # a process capped by torch.cuda.set_per_process_memory_fraction plans for its share of the GPU
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    gpu_mem = int(torch.cuda.get_device_properties(index).total_memory
-                  * torch.cuda.get_per_process_memory_fraction(index))
-    cluster = Cluster(gpus_per_node=world, gpu_mem=gpu_mem)
-    return estimate(shape, features, settings, cluster, recipe.data.seq_len).layout
-
-
-def apply_memory_features(model: torch.nn.Module, recipe: Recipe, device: torch.device, world: int) -> ModelPatch:
+def apply_memory_features(model: torch.nn.Module, recipe: Recipe, device: torch.device, layout: Layout) -> ModelPatch:
     """Checkpointing layout (host buffers pinned now, so a shortage shows at start) and tiled MLP."""
     t, config = recipe.train, model.config
     tokens = recipe.data.seq_len // recipe.parallel.sp  # per rank, between attention calls
@@ -192,7 +181,6 @@ def apply_memory_features(model: torch.nn.Module, recipe: Recipe, device: torch.
     if use_tiled_mlp(t.tiled_mlp, tokens):
         undo.append(apply_tiled_mlp(model, t.mlp_tile_tokens))
         changes.append(f"MLP: tiles of {t.mlp_tile_tokens} tokens")
-    layout = checkpoint_layout(recipe, config.num_hidden_layers, device, world)
     dtype = next(model.parameters()).dtype
     if layout.host:
         require_host_memory(layout.host * layer_input_bytes(config, tokens, t.micro_batch_size, dtype.itemsize))
@@ -203,12 +191,14 @@ def apply_memory_features(model: torch.nn.Module, recipe: Recipe, device: torch.
     return ModelPatch(changes, undo)
 
 
-def load_model(recipe: Recipe, device: torch.device, world: int = 1) -> tuple[torch.nn.Module, dict]:
-    """The model ready for the engine, and a record of what was done to it."""
+def load_model(recipe: Recipe, device: torch.device, layout: Layout | None = None,
+               ds_config: dict | None = None) -> tuple[torch.nn.Module, dict]:
+    """The model ready for the engine, and a record of what was done to it (`layout`, `ds_config`: the
+    launcher's decisions, see `patch_model` and `build_model`)."""
     dtype = resolve_dtype(recipe.model.dtype, device)
     config, rope_record = scaled_config(recipe)
-    model = build_model(recipe, config, dtype, device)
-    changes = patch_model(model, recipe, device, world).changes
+    model = build_model(recipe, config, dtype, device, ds_config)
+    changes = patch_model(model, recipe, device, layout).changes
     if recipe.lora.enabled:
         torch.manual_seed(recipe.train.seed)  # the adapters start the same however the base was built or loaded
         model = add_lora(model, recipe.lora)

@@ -28,8 +28,9 @@ from longctx.rope import rope_parameters
 PER_FORWARD_ROPE = ("dynamic", "longrope")
 
 
-def check_inputs(recipe: Recipe) -> None:
-    """Raise ConfigError, one line naming the key, for a recipe that cannot run on its files."""
+def check_inputs(recipe: Recipe) -> Path | None:
+    """Raise ConfigError, one line naming the key, for a recipe that cannot run on its files; else the checkpoint
+    the run resumes from (None: it starts fresh)."""
     check_trusted(recipe)  # before transformers reads the directory: it would run the code it names
     config, rope = scaled_config(recipe)  # every RoPE rule
     check_tensorboard(recipe)
@@ -63,6 +64,7 @@ def check_inputs(recipe: Recipe) -> None:
         from longctx.evaluation.reports import check_needle_lengths
 
         check_needle_lengths(tokenizer, recipe.eval.lengths, 1, "one", "eval.lengths")
+    return resume
 
 
 def check_trusted(recipe: Recipe) -> None:

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from longctx.checkpointing import RngState
+from longctx.activation_checkpointing import RngState
 
 TILED_MLP_SETTINGS = ("auto", "always", "never")  # not on/off: YAML reads those as booleans
 # auto tiles from this sequence length: at 32K the untiled intermediates of one 8B layer

@@ -29,11 +29,11 @@ from longctx.config import ConfigError, Recipe, to_yaml
 from longctx.curves import log_step, plot_curves
 from longctx.data import IGNORE_INDEX, Packed, WindowSampler, build_packed
 from longctx.fault_injection import inject
-from longctx.launcher.dsconfig import build_ds_config, check_ds_config
-from longctx.launcher.topology import Topology
 from longctx.loss import causal_lm_loss
 from longctx.model import load_model, load_tokenizer
 from longctx.progress import Progress
+from longctx.resolved_run import ResolvedRun
+from longctx.topology import Topology
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -119,20 +119,16 @@ def non_finite(step: int, loss: float, grad_norm: float | None, applied: bool, c
             f"to pass over such steps run the same command with train.on_nonfinite=skip, or lower train.lr")
 
 
-def out_of_memory(error: torch.OutOfMemoryError, step: int, recipe: Recipe, topo: Topology, ckpt_root: Path) -> str:
+def out_of_memory(error: torch.OutOfMemoryError, step: int, run: ResolvedRun, rank: int, ckpt_root: Path) -> str:
     """The line of a step that ran out of device memory: what was asked, what the planner predicted."""
     asked = re.search(r"Tried to allocate [\d.]+ \w+", str(error))
+    recipe = run.recipe
     tokens = recipe.train.micro_batch_size * recipe.data.seq_len // recipe.parallel.sp
-    if topo.device.type == "cuda":
-        from longctx.launcher.plan import Cluster, estimate, from_recipe
-
-        total = torch.cuda.get_device_properties(topo.device).total_memory
-        est = estimate(*from_recipe(recipe), Cluster(gpus_per_node=topo.world_size, gpu_mem=total),
-                       recipe.data.seq_len)
-        planned = f"the planner predicted a peak of {est.gpu_peak / 2**30:.1f} GiB of {total / 2**30:.1f} GiB"
+    if run.gpu_peak is not None:
+        planned = f"the planner predicted a peak of {run.gpu_peak / 2**30:.1f} GiB of {run.gpu_mem / 2**30:.1f} GiB"
     else:
         planned = "the planner predicts GPUs only"
-    return (f"step {step}: out of memory on rank {topo.rank} ({asked.group(0) if asked else 'an allocation'}; "
+    return (f"step {step}: out of memory on rank {rank} ({asked.group(0) if asked else 'an allocation'}; "
             f"{tokens:,} tokens per micro-batch); "
             f"{planned}; {_newest_checkpoint(ckpt_root)}; see `longctx plan` for settings that fit, then "
             f"run the same command to resume")
@@ -184,21 +180,20 @@ def build_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, topo: Topolog
     return packed
 
 
-def train(recipe: Recipe, topo: Topology, run_dir: Path, progress: Progress) -> dict:
+def train(run: ResolvedRun, topo: Topology, run_dir: Path, progress: Progress) -> dict:
+    recipe, ds_config = run.recipe, run.ds_config
     t, device = recipe.train, topo.device
     is_main = topo.rank == 0
     tokenizer = load_tokenizer(recipe)
     packed = build_data(recipe, tokenizer, topo, run_dir)
-    model, record = load_model(recipe, device, topo.world_size)
+    model, record = load_model(recipe, device, run.layout, ds_config)
     if topo.sp_size > 1:
         record["changes"].append(sequence_parallel.use_ulysses(model, topo.sp_group, t.micro_batch_size))
-    bf16 = next(model.parameters()).dtype == torch.bfloat16
-    ds_config = build_ds_config(recipe, bf16=bf16)
-    check_ds_config(ds_config)
     if is_main:
         (run_dir / "recipe.yaml").write_text(to_yaml(recipe))
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-        info = {**record, "windows": len(packed), "documents": packed.documents, "world": topo.world_size}
+        info = {**record, **run.record(), "windows": len(packed), "documents": packed.documents,
+                "world": topo.world_size}
         (run_dir / "run.json").write_text(json.dumps(info, indent=2))
         for line in record["changes"]:
             log.info(line)
@@ -212,7 +207,7 @@ def train(recipe: Recipe, topo: Topology, run_dir: Path, progress: Progress) -> 
     )
     ckpt_root = run_dir / "checkpoints"
     start, tokens_seen, skipped = 0, 0, 0
-    resume_from = checkpoint.resolve_resume(t.resume, ckpt_root)
+    resume_from = run.resume_from
     if resume_from is not None:
         state = checkpoint.load(engine, resume_from, t.resume)
         start, tokens_seen, skipped = state["step"], state["tokens"], state.get("skipped", 0)
@@ -249,7 +244,7 @@ def train(recipe: Recipe, topo: Topology, run_dir: Path, progress: Progress) -> 
                 engine.step()
                 loss_total += loss_sum.detach().float()
         except torch.OutOfMemoryError as e:
-            raise RunStopped(out_of_memory(e, step + 1, recipe, topo, ckpt_root)) from None
+            raise RunStopped(out_of_memory(e, step + 1, run, topo.rank, ckpt_root)) from None
         progress.at(step + 1, "metrics")
         topo.all_reduce_world(loss_total)
         loss = loss_total.item() / max(n_total, 1.0)  # .item() waits for the device: time after it

@@ -186,7 +186,7 @@ MEASURED_PEAKS = [
 def test_prediction_is_at_most_3_percent_above_measured_peaks(seq_len, layout, measured_gib):
     """Never below a measured peak (a run the planner passes must fit), and not far above it (so the
     longest sequence it promises is near what fits)."""
-    from longctx.checkpointing import Layout
+    from longctx.activation_checkpointing import Layout
 
     recipe = load_recipe(str(ROOT / "recipes/llama3-8b-lora-1gpu.yaml"), [f"data.seq_len={seq_len}"])
     shape, f, s = from_recipe(recipe)
@@ -196,10 +196,16 @@ def test_prediction_is_at_most_3_percent_above_measured_peaks(seq_len, layout, m
     assert measured_gib <= est.gpu_peak / GiB <= 1.03 * measured_gib
 
 
+def planned(recipe, cluster: Cluster):
+    return estimate(*from_recipe(recipe), cluster, recipe.data.seq_len)
+
+
 def test_refusal_when_offloaded_inputs_exceed_host_memory():
     recipe = load_recipe(str(ROOT / "recipes/llama3-8b-lora-1gpu.yaml"), ["data.seq_len=409600"])
-    assert refusal(recipe, Cluster(gpu_mem=80 * GiB, host_mem=124 * GiB)) is None  # as a 400K run on an H100 had it
-    reason = refusal(recipe, Cluster(gpu_mem=80 * GiB, host_mem=64 * GiB))
+    assert planned(recipe, Cluster(gpu_mem=80 * GiB, host_mem=124 * GiB)).fits  # as a 400K run on an H100 had it
+    small = Cluster(gpu_mem=80 * GiB, host_mem=64 * GiB)
+    assert not planned(recipe, small).fits
+    reason = refusal(recipe, small, planned(recipe, small))
     assert re.search(r"predicts [0-9.]+ GiB of host memory per node \([0-9.]+ GiB of offloaded layer inputs\), "
                      r"64.0 GiB available; longest that fits as written: \d+", reason)
 
@@ -246,8 +252,10 @@ def test_cli_json_and_table(capsys):
 
 def test_refusal_names_the_numbers_and_passes_what_fits():
     demo = str(ROOT / "recipes/demo-cpu.yaml")
-    assert refusal(load_recipe(demo, []), Cluster(gpus_per_node=2, gpu_mem=80 * GiB)) is None
-    reason = refusal(load_recipe(demo, ["data.seq_len=1048576"]), Cluster(gpu_mem=8 * GiB))
+    assert planned(load_recipe(demo, []), Cluster(gpus_per_node=2, gpu_mem=80 * GiB)).fits
+    recipe, small = load_recipe(demo, ["data.seq_len=1048576"]), Cluster(gpu_mem=8 * GiB)
+    assert not planned(recipe, small).fits
+    reason = refusal(recipe, small, planned(recipe, small))
     assert re.search(r"predicts [0-9.]+ GiB per GPU, [0-9.]+ GiB usable of 8.0; longest that fits as written: \d+", reason)
 
 

@@ -137,7 +137,7 @@ def test_a_master_port_in_use_is_refused_at_once(tmp_path):
 def test_a_start_waiting_on_an_op_build_lock_names_it(tmp_path, monkeypatch, capsys):
     import time
 
-    from longctx.launcher.topology import warn_on_build_locks
+    from longctx.topology import warn_on_build_locks
 
     lock = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir(parents=True)

@@ -10,7 +10,7 @@ import torch
 
 from longctx.config import ConfigError, load_recipe
 from longctx.data import pack_documents
-from longctx.launcher.topology import nodes_per_sp_group
+from longctx.topology import nodes_per_sp_group
 from longctx.sequence_parallel import allowed_degrees, check_layout, check_recipe, shard_batch
 
 

@@ -95,7 +95,7 @@ def run_ranks(out: Path) -> None:
     """What every rank of the launch does."""
     import torch.distributed as dist
 
-    from longctx.launcher.topology import init_topology
+    from longctx.topology import init_topology
     from longctx.sequence_parallel import shard_batch, use_ulysses
 
     init_topology(1)  # the process group only: the test builds its own sp groups below

@@ -1,23 +1,19 @@
 """The tiled MLP (DeepSpeed's TiledMLP over sequence tiles) equals the untiled MLP in values and gradients."""
 
 import math
+from functools import partial
 
+import helpers
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from longctx.checkpointing import apply_checkpointing, layout_for
+from longctx.activation_checkpointing import apply_checkpointing, layout_for
 from longctx.loss import causal_lm_loss
 from longctx.tiled_mlp import AUTO_MIN_TOKENS, apply_tiled_mlp, use_tiled_mlp
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return LlamaForCausalLM(config).float().to(DEVICE).train()
+tiny_llama = partial(helpers.tiny_llama, vocab_size=101, intermediate_size=160)
 
 
 def loss_and_grads(model, rows: int, seq: int):

@@ -10,6 +10,7 @@ import psutil
 import torch
 
 from longctx.config import load_recipe
+from longctx.launcher.dsconfig import build_ds_config
 from longctx.model import build_model, scaled_config
 
 if __name__ == "__main__":
@@ -18,7 +19,7 @@ if __name__ == "__main__":
     recipe = load_recipe("recipes/demo-cpu.yaml", recipe_args)
     config, _ = scaled_config(recipe)
     before = psutil.Process().memory_info().rss
-    model = build_model(recipe, config, torch.float32, torch.device("cpu"))
+    model = build_model(recipe, config, torch.float32, torch.device("cpu"), build_ds_config(recipe, bf16=False))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     rank = torch.distributed.get_rank()
     params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

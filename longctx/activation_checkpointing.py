@@ -41,7 +41,6 @@ from longctx.loss import unwrap_causal_lm
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-POLICIES = ("auto", "none", "full", "offload")
 GiB = 2**30
 # A training process's own host memory beside the pinned buffers (Python, torch, CUDA libraries,
 # data): 3.2 GiB measured in a 400K-token run of bench/single_gpu.py on an H100, rounded up. The
@@ -93,8 +92,8 @@ def layout_for(policy: str, n_layers: int, gpu_layers: Optional[int] = None) -> 
     if policy == "offload":
         kept = min(n_layers, max(0, gpu_layers or 0))
         return Layout(n_layers - kept, kept, 0)
-    raise ValueError(f"train.checkpointing={policy!r}: must be one of {'|'.join(POLICIES)} "
-                     "('auto' is resolved by choose_layout)")
+    raise ValueError(f"train.checkpointing={policy!r}: the layout of none|full|offload; 'auto' is planned by the "
+                     "launcher (launcher/run.py), which passes its layout")
 
 
 def choose_layout(n_layers: int, input_bytes: int, plain_bytes: int, recompute_room: int, top_room: int) -> Layout:

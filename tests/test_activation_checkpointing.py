@@ -1,26 +1,19 @@
 """Checkpointed layers (inputs on the GPU or offloaded to host memory) give the gradients of no checkpointing."""
 
+from functools import partial
+
+import helpers
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from longctx.checkpointing import (HostMemoryError, Layout, apply_checkpointing, choose_layout, decoder_layers,
+from longctx.activation_checkpointing import (HostMemoryError, Layout, apply_checkpointing, choose_layout, decoder_layers,
                                    layout_for, require_host_memory)
 from longctx.loss import causal_lm_loss
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GiB = 2**30
-
-
-def tiny_config(**overrides) -> LlamaConfig:
-    return LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                       attn_implementation="eager", **overrides)
-
-
-def tiny_llama(**overrides) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(tiny_config(**overrides)).float().to(DEVICE).train()
+# 4 decoder layers for the layouts to split
+tiny_llama = partial(helpers.tiny_llama, vocab_size=101, num_hidden_layers=4, attn_implementation="eager")
 
 
 def batch(seed: int = 0, rows: int = 2, seq: int = 40):
