@@ -12,7 +12,7 @@ import difflib
 import functools
 import math
 import os
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -179,33 +179,26 @@ class Recipe:
 
 
 @functools.cache
-def _all_keys(cls: type = Recipe, prefix: str = "") -> tuple[str, ...]:
-    keys = []
-    for f in fields(cls):
-        sub = f.default_factory if f.default is MISSING else None
-        if sub is not None and is_dataclass(sub):
-            keys += _all_keys(sub, f"{prefix}{f.name}.")
-        else:
-            keys.append(prefix + f.name)
-    return tuple(keys)
+def schema() -> dict[str, Field]:
+    """Every recipe key, dotted (`train.lr`), in schema order, with its dataclass field: type, default, help and
+    rules. The one walk over the sections."""
+    keys = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in fields(cls):
+            if f.default is MISSING and is_dataclass(f.default_factory):
+                walk(f.default_factory, f"{prefix}{f.name}.")
+            else:
+                keys[prefix + f.name] = f
+
+    walk(Recipe, "")
+    return keys
 
 
 def _unknown_key_error(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(key, list(schema()), n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return ConfigError(f"{key}: unknown key{hint}")
-
-
-@functools.cache
-def _field_types(cls: type = Recipe, prefix: str = "") -> dict[str, Any]:
-    types = {}
-    for f in fields(cls):
-        sub = f.default_factory if f.default is MISSING else None
-        if sub is not None and is_dataclass(sub):
-            types.update(_field_types(sub, f"{prefix}{f.name}."))
-        else:
-            types[prefix + f.name] = f.type
-    return types
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
@@ -213,7 +206,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"{item}: overrides are written key=value (e.g. train.max_steps=10)")
     key, raw = item.split("=", 1)
     key = key.strip()
-    if _field_types().get(key) in ("str", "Optional[str]") and raw not in ("", "null", "~"):
+    if key in schema() and schema()[key].type in ("str", "Optional[str]") and raw not in ("", "null", "~"):
         return key, raw  # text as typed: `on`, `yes` or `1e3` stay strings, not YAML's bool or float
     try:  # YAML typing, as in a recipe file: 10 -> int, true -> bool, [a,b] -> list, null -> None
         value = yaml.safe_load(raw) if raw else None
@@ -223,7 +216,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
 
 
 def _merge(base: DictConfig, key: str, value: Any) -> None:
-    if key not in _all_keys():
+    if key not in schema():
         raise _unknown_key_error(key)
     try:
         OmegaConf.update(base, key, value, merge=True, force_add=False)
@@ -313,15 +306,6 @@ def _check_field(key: str, value: Any, meta: dict) -> None:
         raise ConfigError(f"{key}={value!r}: must be <= {meta['max']}")
 
 
-def _check_section(obj: Any, prefix: str) -> None:
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if is_dataclass(value):
-            _check_section(value, f"{prefix}{f.name}.")
-        else:
-            _check_field(f"{prefix}{f.name}", value, f.metadata)
-
-
 def _is_model_dir(path: str, need: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, need))
 
@@ -363,7 +347,8 @@ def _check_s2(r: Recipe) -> None:
 
 def validate(r: Recipe) -> None:
     """Field rules from the schema, then the rules that span fields."""
-    _check_section(r, "")
+    for key, f in schema().items():
+        _check_field(key, functools.reduce(getattr, key.split("."), r), f.metadata)
     m = r.model
     if (m.path is None) == (m.config is None):
         raise ConfigError("model.path / model.config: set exactly one (weights dir, or config-only dir for random init)")
@@ -401,17 +386,6 @@ def to_yaml(r: Recipe) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(r))
 
 
-def describe_keys() -> list[tuple[str, Any, str]]:
-    """(key, default, help) for every key, for `longctx keys`."""
-    out = []
-
-    def walk(cls: type, prefix: str) -> None:
-        for f in fields(cls):
-            if f.default is MISSING and is_dataclass(f.default_factory):
-                walk(f.default_factory, f"{prefix}{f.name}.")
-            else:
-                default = f.default if f.default is not MISSING else f.default_factory()
-                out.append((prefix + f.name, default, f.metadata.get("help", "")))
-
-    walk(Recipe, "")
-    return out
+def default_of(f: Field) -> Any:
+    """A key's default value, for `longctx keys`."""
+    return f.default if f.default is not MISSING else f.default_factory()

@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import shutil
 import textwrap
-from dataclasses import Field, fields
 from typing import Any
 
 from longctx.cli import ArgParser
-from longctx.config import Recipe, describe_keys
-
-
-def schema_field(key: str) -> Field:
-    """The dataclass field of a recipe key such as `train.lr`."""
-    *sections, name = key.split(".")
-    cls: Any = Recipe
-    for section in sections:
-        cls = next(f.default_factory for f in fields(cls) if f.name == section)
-    return next(f for f in fields(cls) if f.name == name)
+from longctx.config import default_of, schema
 
 
 def allowed(meta: dict) -> str:
@@ -57,14 +47,14 @@ def main(argv: list[str]) -> int:
     # wraps inside its own block instead of pushing the next column out of line
     width = max(40, min(shutil.get_terminal_size().columns, 100))
     section = None
-    for key, default, help in describe_keys():
+    for key, f in schema().items():
         if section not in (None, key.split(".")[0]):
             print()
-        section, f = key.split(".")[0], schema_field(key)
+        section = key.split(".")[0]
         kind = f.type[len("Optional["):-1] if f.type.startswith("Optional[") else f.type
-        print(textwrap.fill(f"{key} = {as_override(default)}  ({kind})", width, subsequent_indent=" " * 8))
+        print(textwrap.fill(f"{key} = {as_override(default_of(f))}  ({kind})", width, subsequent_indent=" " * 8))
         rule = allowed(f.metadata)
-        for line in (help, f"allowed: {rule}" if rule else ""):
+        for line in (f.metadata.get("help", ""), f"allowed: {rule}" if rule else ""):
             if line:
                 print(textwrap.fill(line, width, initial_indent=" " * 4, subsequent_indent=" " * 4))
     return 0

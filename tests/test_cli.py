@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from longctx.cli import COMMANDS, ArgParser, main
-from longctx.config import _all_keys
+from longctx.config import schema
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def test_help_lists_every_command(capsys):
 def test_keys_lists_every_recipe_key_with_its_help(capsys):
     assert main(["keys"]) == 0
     out = capsys.readouterr().out
-    for key in _all_keys():
+    for key in schema():
         assert key in out
     assert "train.save_every" in out and "checkpoint every N steps" in out
     assert main(["keys", "--bogus"]) == 2
