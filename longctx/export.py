@@ -30,7 +30,7 @@ def full_state_dict(engine: DeepSpeedEngine, quantized: bool) -> dict[str, torch
     """Every parameter of the engine's module, on rank 0 (None elsewhere), 4-bit weights dequantized; call on all
     ranks."""
     if engine.zero_optimization_stage() == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
+        state = gathered_state_dict(engine.module)
     elif quantized:
         from longctx.quantize import dequantized_state_dict
 
@@ -40,6 +40,19 @@ def full_state_dict(engine: DeepSpeedEngine, quantized: bool) -> dict[str, torch
     if dist.get_rank() != 0:
         return None
     return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def gathered_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A ZeRO-3 module's state dict, whole, on rank 0 (empty elsewhere): one parameter gathered at a time, so no
+    rank ever holds more than one whole parameter beside its partitions."""
+    import deepspeed
+
+    state = {}
+    for key, tensor in module.state_dict(keep_vars=True).items():  # keep_vars: the partitioned parameters themselves
+        with deepspeed.zero.GatheredParameters([tensor] if hasattr(tensor, "ds_id") else []):
+            if dist.get_rank() == 0:
+                state[key] = tensor.detach().cpu().clone()
+    return state
 
 
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
