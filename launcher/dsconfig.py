@@ -7,15 +7,14 @@ DeepSpeed would reject fails here, at start, not inside the engine.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from importlib import resources
 
 from longctx.config import Recipe
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "ds_configs"
-
 
 def template(stage: int) -> dict:
-    return json.loads((TEMPLATES / f"zero{stage}.json").read_text())
+    """`ds_configs/zero<stage>.json`: beside the code in a checkout, package data in an install."""
+    return json.loads((resources.files("longctx.ds_configs") / f"zero{stage}.json").read_text())
 
 
 def build_ds_config(recipe: Recipe, bf16: bool) -> dict:

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-# In a checkout, kernels/ and launcher/ sit beside this folder; an install maps them to longctx.kernels and
-# longctx.launcher (pyproject's package-dir). They have no __init__.py on purpose: with the checkout root on
+# In a checkout, kernels/, launcher/ and ds_configs/ sit beside this folder; an install maps them to
+# longctx.kernels, longctx.launcher and longctx.ds_configs (pyproject's package-dir). They have no __init__.py on purpose: with the checkout root on
 # sys.path (python -m pytest, python -c from the root) a regular package named `kernels` would shadow the
 # installed `kernels` that transformers imports, while a folder without one never shadows an installed package.
 _CHECKOUT = Path(__file__).resolve().parent.parent
