@@ -1,8 +1,8 @@
-"""RoPE scaling: inverse frequencies of every method, and configs that carry them.
+"""RoPE scaling: configs that carry every method, and what they rotate by.
 
-Our own implementation of the definitions transformers uses (`rope_parameters` in the
-config, `rope_type` naming the method), so a scaled config written here loads in vanilla
-transformers and rotates exactly as we trained. Two of our methods are not rope types of
+A scaled config is written in transformers' own terms (`rope_parameters` in the config,
+`rope_type` naming the method), so it loads in vanilla transformers and rotates exactly as
+we trained; its frequencies are computed by transformers' functions. Two of our methods are not rope types of
 their own: `theta` sets a new base, `ntk` (static NTK-aware) derives the base from a factor;
 both are written as a plain base change, which every transformers version understands.
 """
@@ -70,86 +70,20 @@ def original_context(config: PretrainedConfig, params: dict[str, Any] | None = N
                or config.max_position_embeddings)
 
 
-def _base_inv_freq(base: float, dim: int) -> torch.Tensor:
-    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-
-
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
-def _yarn(p: dict, dim: int, config) -> tuple[torch.Tensor, float]:
-    base, factor = p["rope_theta"], p.get("factor")
-    original = original_context(config, p)
-    if factor is None:
-        factor = config.max_position_embeddings / original
-    attention = p.get("attention_factor")
-    if attention is None:
-        if p.get("mscale") and p.get("mscale_all_dim"):
-            attention = _yarn_mscale(factor, p["mscale"]) / _yarn_mscale(factor, p["mscale_all_dim"])
-        else:
-            attention = _yarn_mscale(factor)
-    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
-
-    def dim_for(rotations: float) -> float:  # dimension whose wavelength fits `rotations` times in the context
-        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-    low, high = dim_for(beta_fast), dim_for(beta_slow)
-    if p.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-    extrapolated = _base_inv_freq(base, dim)
-    # high-frequency dimensions (ramp 0) keep their frequency, low-frequency ones are interpolated
-    inv = extrapolated / factor * ramp + extrapolated * (1 - ramp)
-    return inv, float(attention)
-
-
-def _llama3(p: dict, dim: int, config) -> torch.Tensor:
-    inv = _base_inv_freq(p["rope_theta"], dim)
-    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
-    original = p["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv
-    scaled = torch.where(wavelen > original / low, inv / factor, inv)
-    smooth = (original / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= original / high) & (wavelen <= original / low)
-    return torch.where(medium, smoothed, scaled)
-
-
-def _longrope(p: dict, dim: int, config, seq_len: int | None) -> tuple[torch.Tensor, float]:
-    original = original_context(config, p)
-    factor = p.get("factor") or config.max_position_embeddings / original
-    attention = p.get("attention_factor")
-    if attention is None:
-        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-    ext = p["long_factor"] if seq_len and seq_len > original else p["short_factor"]
-    shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
-    return 1.0 / (torch.tensor(ext, dtype=torch.float32) * p["rope_theta"] ** shape), float(attention)
-
-
 def inv_freq(config: PretrainedConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
-    """(inverse frequencies [rotary_dim // 2], attention factor) of a config, at `seq_len` for length-dependent methods."""
+    """(inverse frequencies [rotary_dim // 2], attention factor) of a config, at `seq_len` for length-dependent
+    methods: transformers' own functions, so what we report is what the model rotates by."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
     p = rope_parameters(config)
-    dim, kind = rotary_dim(config, p), p["rope_type"]
-    if kind == "default":
-        return _base_inv_freq(p["rope_theta"], dim), 1.0
-    if kind == "linear":
-        return _base_inv_freq(p["rope_theta"], dim) / p["factor"], 1.0
-    if kind == "dynamic":
-        limit = config.max_position_embeddings
-        length = max(seq_len or limit, limit)
-        base = p["rope_theta"] * ((p["factor"] * length / limit) - (p["factor"] - 1)) ** (dim / (dim - 2))
-        return _base_inv_freq(base, dim), 1.0
-    if kind == "yarn":
-        return _yarn(p, dim, config)
-    if kind == "llama3":
-        return _llama3(p, dim, config), 1.0
-    if kind == "longrope":
-        return _longrope(p, dim, config, seq_len)
-    raise RopeError(f"rope_type {kind!r}: not supported (supported: default, linear, dynamic, yarn, llama3, longrope)")
+    kind = p["rope_type"]
+    if kind == "default":  # computed inside each model's rotary module, not among the init functions
+        dim = rotary_dim(config, p)
+        return 1.0 / (p["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)), 1.0
+    if kind not in ROPE_INIT_FUNCTIONS:
+        raise RopeError(f"rope_type {kind!r}: not supported (supported: default, {', '.join(ROPE_INIT_FUNCTIONS)})")
+    inv, attention = ROPE_INIT_FUNCTIONS[kind](config, "cpu", seq_len=seq_len)
+    return inv.float(), float(attention)
 
 
 def describe(config: PretrainedConfig) -> dict[str, Any]:
