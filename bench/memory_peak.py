@@ -65,7 +65,8 @@ def main() -> None:
 
     from longctx.activation_checkpointing import Layout
     from longctx.config import load_recipe
-    from longctx.launcher.plan import Cluster, estimate, from_recipe
+    from longctx.launcher.fit import from_recipe
+    from longctx.launcher.memory_model import Cluster, estimate
 
     layers = json.loads((single_gpu.CONFIG_DIR / "config.json").read_text())["num_hidden_layers"]
     try:

@@ -134,7 +134,8 @@ def build(stack: str, seq_len: int, overrides: list[str], layout=None):
     record = {}
     if stack in OURS:
         from longctx.config import load_recipe
-        from longctx.launcher.plan import Cluster, estimate, from_recipe
+        from longctx.launcher.fit import from_recipe
+        from longctx.launcher.memory_model import Cluster, estimate
         from longctx.model import patch_model
 
         # what `launcher/run.py --config recipes/llama3-8b-lora-1gpu.yaml data.seq_len=N` does to the model

@@ -27,7 +27,7 @@ from longctx.launcher.discovery import DiscoveryError, check_master_port, discov
 from longctx.resolved_run import ResolvedRun
 
 if TYPE_CHECKING:
-    from longctx.launcher.plan import Cluster
+    from longctx.launcher.memory_model import Cluster
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -65,7 +65,7 @@ def job_cluster() -> Cluster:
     """This job as the planner sees it: ranks per node, memory of this rank's GPU (on CPU, the ranks
     of a node share its available memory), available host memory."""
     from longctx.activation_checkpointing import available_host_bytes
-    from longctx.launcher.plan import Cluster
+    from longctx.launcher.memory_model import Cluster
 
     world = int(os.environ["WORLD_SIZE"])
     # ranks on this node: deepspeed's launcher sets LOCAL_SIZE; torchrun and our SLURM/MPI discovery LOCAL_WORLD_SIZE
@@ -79,7 +79,7 @@ def resolve_parallel_auto(recipe: Recipe) -> Recipe:
     """`parallel.auto` settings replaced by the planner's choice for this job; rank 0 prints it."""
     if not recipe.parallel.auto:
         return recipe
-    from longctx.launcher.plan import resolve_auto
+    from longctx.launcher.fit import resolve_auto
 
     recipe, line = resolve_auto(recipe, job_cluster(), on_gpu=gpu_memory() is not None)
     if int(os.environ["RANK"]) == 0:
@@ -96,7 +96,8 @@ def resolve(recipe: Recipe, ignore_plan: bool, resume_from: Path | None) -> Reso
 
     from longctx.activation_checkpointing import layout_for
     from longctx.launcher.dsconfig import build_ds_config, check_ds_config
-    from longctx.launcher.plan import estimate, from_recipe, refusal
+    from longctx.launcher.fit import from_recipe, refusal
+    from longctx.launcher.memory_model import estimate
     from longctx.model import resolve_dtype
 
     on_gpu = gpu_memory() is not None

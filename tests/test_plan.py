@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from longctx.config import LORA_TARGETS_ALL, ConfigError, load_recipe
-from longctx.launcher.plan import (
-    GiB, SEARCHABLE, Cluster, Features, ModelShape, Settings, candidates, choose, estimate, from_recipe, longest_fitting,
-    loss_working_set, main, model_states, parse_bytes, refusal, resolve_auto, saved_per_token,
-)
+from longctx.launcher.fit import SEARCHABLE, candidates, choose, from_recipe, longest_fitting, refusal, resolve_auto
+from longctx.launcher.memory_model import (GiB, Cluster, Features, ModelShape, Settings, estimate, loss_working_set,
+                                           model_states, saved_per_token)
+from longctx.launcher.plan import main, parse_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "llama3-8b-lora-1gpu.yaml")

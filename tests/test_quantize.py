@@ -16,7 +16,7 @@ from demo_runs import finish, free_port, launch, metrics
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from longctx.config import ConfigError, load_recipe
-from longctx.launcher.plan import ModelShape, nf4_bytes
+from longctx.launcher.memory_model import ModelShape, nf4_bytes
 from longctx.loss import causal_lm_loss
 from longctx.model import DTYPES, load_model
 from longctx.quantize import build_nf4_model, dequantize, dequantized_state_dict

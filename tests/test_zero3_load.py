@@ -9,7 +9,8 @@ import pytest
 from demo_runs import finish, free_port, launch, metrics
 
 from longctx.config import load_recipe
-from longctx.launcher.plan import from_recipe, load_bytes
+from longctx.launcher.fit import from_recipe
+from longctx.launcher.memory_model import load_bytes
 
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 pytestmark = pytest.mark.slow
