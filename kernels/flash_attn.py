@@ -263,21 +263,11 @@ def _dq_tile(Q, K, V, DO, LSE, DELTA, DQ, pid_m, h, hk, q0, k0, len_q, len_k, sc
 
 # One launch does both halves of the backward, on a flat grid like the forward's. Per sequence x kv head, the
 # first programs each take a key block (dk, dv over the group's query heads), the rest a query tile of one head
-# (dq), so the two halves share the GPU and neither leaves a tail. dq recomputes the probabilities: adding each
-# key block's dq share into float32 instead was slower on an H100 at 8K-128K tokens, with plain atomics and with
-# TMA bulk reductions alike: at 32K those additions alone take 43-48 ms on an H200 (bench/dq_reduction.py), about
-# all the time a backward at 0.85x cuDNN's speed would have. Also tried there and dropped: heads fastest in the
-# grid (faster at 8K, 6% slower at 32K-128K and on packed documents, likely from less reuse of k/v in L2), the
-# longest documents first (2% faster on the packed bench, 10% slower on many tiny documents), half of each tile's
-# exponentials as a polynomial on the FMA units (forward 7-10% slower). On an H200, issuing dP's matmul before
-# the exponentials was no faster in the dq half and 2-6% slower in the dk/dv half (8K, 32K). Triton 3.6's automatic
-# warp specialisation (`tl.range(..., warp_specialize=True)`) does nothing for these loops on Hopper: it fails to
-# compile at 4 warps and leaves the loop unspecialised at 8 (tried on a TMA forward). The dk/dv loop spills
-# registers at 64-row steps; 32-row steps, which do not spill, were 5% slower at 32K, and loading dq's k/v tiles
-# by TMA 3% slower: what bounds this kernel is the softmax arithmetic waiting on each wgmma (one program per SM),
-# with every warp meeting at the barriers around each tile load. On Hopper, bf16 with head dim 64 or 128 takes
-# the `_ws_` kernels below instead: the same two halves, warp-specialised in Gluon (bitwise the same gradients at
-# the first tile sizes of AUTOTUNE); this kernel serves everything else.
+# (dq), so the two halves share the GPU and neither leaves a tail. dq recomputes the probabilities: adding each key
+# block's dq share into float32 instead costs about all of a backward's time (BENCHMARKS.md, bench/dq_reduction.py).
+# What bounds this kernel is the softmax arithmetic waiting on each wgmma. On Hopper, bf16 with head dim 64 or 128
+# takes the `_ws_` kernels below instead: the same two halves, warp-specialised in Gluon (bitwise the same gradients
+# at the first tile sizes of AUTOTUNE); this kernel serves everything else.
 @triton.jit
 def _bwd_kernel(
     Q, K, V, DO, QD, DOD, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, max_q, max_k, scale_log2, scale,
