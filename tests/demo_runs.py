@@ -13,20 +13,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+DEEPSPEED = str(BIN / "deepspeed")
 STEPS = 10
-SMALL = [
+# the demo recipe at test size, which every multi-rank test starts from
+TINY = [
     "data.seq_len=256",
     "data.max_documents=30",
     "data.passkey_documents=8",
     "data.num_proc=1",
-    f"train.max_steps={STEPS}",
-    "train.save_every=0",
     "train.warmup_steps=1",
-    "train.export=false",
-    "eval.at_end=[]",
     "lora.enabled=true",
     "rope.target_length=1024",
 ]
+SMALL = [*TINY, f"train.max_steps={STEPS}", "train.save_every=0", "train.export=false", "eval.at_end=[]"]
 CPU_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 

@@ -19,14 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from demo_runs import CPU_ENV, ROOT, finish, free_port, launch, metrics, same_losses
+from demo_runs import CPU_ENV, DEEPSPEED, ROOT, finish, free_port, launch, metrics, same_losses
 
 from longctx.checkpoint import MARKER, complete_checkpoints
 from longctx.config import ConfigError, load_recipe
 
 pytestmark = [pytest.mark.drill, pytest.mark.slow]
 
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 DEMO = "recipes/demo-cpu.yaml"
 STEPS = 6
 RUN = [

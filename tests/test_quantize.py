@@ -12,7 +12,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
-from demo_runs import finish, free_port, launch, metrics
+from demo_runs import DEEPSPEED, finish, free_port, launch, metrics
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from longctx.config import ConfigError, load_recipe
@@ -21,7 +21,6 @@ from longctx.loss import causal_lm_loss
 from longctx.model import DTYPES, load_model
 from longctx.quantize import build_nf4_model, dequantize, dequantized_state_dict
 
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

@@ -10,25 +10,12 @@ data-parallel rank, and to dp rank m with grad_accum=1 on two.
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from demo_runs import ROOT, free_port
+from demo_runs import DEEPSPEED, ROOT, TINY, free_port
 
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
-SMALL = [
-    "data.seq_len=256",
-    "data.max_documents=30",
-    "data.passkey_documents=8",
-    "data.num_proc=1",
-    "train.max_steps=2",
-    "train.save_every=0",
-    "train.warmup_steps=1",
-    "lora.enabled=true",
-    "rope.target_length=1024",
-    "eval.at_end=[]",
-]
+SMALL = [*TINY, "train.max_steps=2", "train.save_every=0", "eval.at_end=[]"]
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 pytestmark = pytest.mark.slow

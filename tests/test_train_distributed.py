@@ -5,26 +5,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
-from demo_runs import ROOT, finish, free_port, launch, metrics, same_losses, wait_for_steps
+from demo_runs import DEEPSPEED, ROOT, TINY, finish, free_port, launch, metrics, same_losses, wait_for_steps
 
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 SMALL = [
-    "data.seq_len=256",
-    "data.max_documents=30",
-    "data.passkey_documents=8",
-    "data.num_proc=1",
+    *TINY,
     "train.max_steps=6",
     "train.save_every=2",
-    "train.warmup_steps=1",
-    "lora.enabled=true",
     "lora.dropout=0.1",  # random masks: a resumed run reproduces the losses only if it restores every rank's RNG
-    "rope.target_length=1024",
 ]
 
 pytestmark = pytest.mark.slow

@@ -2,17 +2,15 @@
 model is built (ZeRO-2 builds the whole model on every rank), and training takes ZeRO-2's losses step for step."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-from demo_runs import finish, free_port, launch, metrics
+from demo_runs import DEEPSPEED, finish, free_port, launch, metrics
 
 from longctx.config import load_recipe
 from longctx.launcher.fit import from_recipe
 from longctx.launcher.memory_model import load_bytes
 
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 pytestmark = pytest.mark.slow
 
 
