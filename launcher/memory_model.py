@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from longctx.activation_checkpointing import PROCESS_HOST_BYTES, Layout, choose_layout, layout_for
-from longctx.config import LORA_TARGETS_ALL, ConfigError
+from longctx.config import LORA_TARGETS_ALL, check_offload
 from longctx.launcher.dsconfig import template
 from longctx.sequence_parallel import check_layout
 
@@ -208,10 +208,7 @@ def _gib(n: int) -> float:
 
 def _check(shape: ModelShape, settings: Settings, cluster: Cluster, seq_len: int) -> None:
     check_layout(settings.sp, cluster.world, seq_len, shape.heads, shape.kv_heads)  # the rule the run applies
-    if settings.offload_params and settings.zero_stage != 3:
-        raise ConfigError("parallel.offload_params=true: needs parallel.zero_stage=3")
-    if settings.offload_optimizer and settings.zero_stage == 0:
-        raise ConfigError("parallel.offload_optimizer=true: needs parallel.zero_stage >= 1")
+    check_offload(settings.zero_stage, settings.offload_optimizer, settings.offload_params)
 
 
 def trainable_params(shape: ModelShape, f: Features) -> int:

@@ -345,6 +345,15 @@ def _check_s2(r: Recipe) -> None:
                           f"{'|...' if len(evens) > len(near) else ''}")
 
 
+def check_offload(zero_stage: int, optimizer: bool, params: bool) -> None:
+    """Offload is a ZeRO feature: optimizer states from stage 1, parameters at stage 3 (the planner checks its
+    candidates by the same rule)."""
+    if params and zero_stage != 3:
+        raise ConfigError(f"parallel.offload_params=true: needs parallel.zero_stage=3 (got {zero_stage})")
+    if optimizer and zero_stage == 0:
+        raise ConfigError("parallel.offload_optimizer=true: needs parallel.zero_stage >= 1 (got 0)")
+
+
 def validate(r: Recipe) -> None:
     """Field rules from the schema, then the rules that span fields."""
     for key, f in schema().items():
@@ -361,10 +370,7 @@ def validate(r: Recipe) -> None:
     if r.data.path is not None and not os.path.exists(r.data.path):
         raise ConfigError(f"data.path={r.data.path!r}: no such file or directory")
     p = r.parallel
-    if p.offload_params and p.zero_stage != 3:
-        raise ConfigError(f"parallel.offload_params=true: needs parallel.zero_stage=3 (got {p.zero_stage})")
-    if p.offload_optimizer and p.zero_stage == 0:
-        raise ConfigError("parallel.offload_optimizer=true: needs parallel.zero_stage >= 1 (got 0)")
+    check_offload(p.zero_stage, p.offload_optimizer, p.offload_params)
     if r.data.seq_len % p.sp:
         raise ConfigError(f"data.seq_len={r.data.seq_len}: must be divisible by parallel.sp={p.sp}")
     t = r.train
