@@ -345,6 +345,16 @@ def _check_s2(r: Recipe) -> None:
                           f"{'|...' if len(evens) > len(near) else ''}")
 
 
+def model_dir(recipe: Recipe) -> str:
+    """The directory the model's config (and weights, for model.path) come from."""
+    return recipe.model.path or recipe.model.config
+
+
+def model_key(recipe: Recipe) -> str:
+    """The recipe key that names the model directory, for messages."""
+    return "model.path" if recipe.model.path else "model.config"
+
+
 def check_offload(zero_stage: int, optimizer: bool, params: bool) -> None:
     """Offload is a ZeRO feature: optimizer states from stage 1, parameters at stage 3 (the planner checks its
     candidates by the same rule)."""

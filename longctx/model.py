@@ -13,15 +13,17 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.initialization import no_init_weights
 
-from longctx.attention import attention_implementation
 from longctx.activation_checkpointing import (Layout, apply_checkpointing, layer_input_bytes, layout_for,
                                               require_host_memory)
-from longctx.config import ConfigError, LoraSection, Recipe, s2_group
+from longctx.attention import attention_implementation
+from longctx.config import ConfigError, LoraSection, Recipe, model_dir, s2_group
 from longctx.kernels.patch import ModelPatch
+from longctx.sequence_parallel import use_ulysses
 from longctx.tiled_mlp import apply_tiled_mlp, use_tiled_mlp
 
 if TYPE_CHECKING:
     from peft import LoraConfig
+    from torch.distributed import ProcessGroup
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -34,15 +36,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
-
-
-def model_dir(recipe: Recipe) -> str:
-    return recipe.model.path or recipe.model.config
-
-
-def model_key(recipe: Recipe) -> str:
-    """The recipe key that names the model directory, for messages."""
-    return "model.path" if recipe.model.path else "model.config"
 
 
 def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
@@ -191,10 +184,11 @@ def apply_memory_features(model: torch.nn.Module, recipe: Recipe, device: torch.
     return ModelPatch(changes, undo)
 
 
-def load_model(recipe: Recipe, device: torch.device, layout: Layout | None = None,
-               ds_config: dict | None = None) -> tuple[torch.nn.Module, dict]:
-    """The model ready for the engine, and a record of what was done to it (`layout`, `ds_config`: the
-    launcher's decisions, see `patch_model` and `build_model`)."""
+def load_model(recipe: Recipe, device: torch.device, layout: Layout | None = None, ds_config: dict | None = None,
+               sp_group: ProcessGroup | None = None) -> tuple[torch.nn.Module, dict]:
+    """The model ready for the engine, and a record of what was done to it: every change to the model happens
+    here. `layout`, `ds_config`: the launcher's decisions (see `patch_model` and `build_model`); `sp_group`: this
+    rank's sequence-parallel group, whose ranks attend under Ulysses (None: no sequence parallelism)."""
     dtype = resolve_dtype(recipe.model.dtype, device)
     config, rope_record = scaled_config(recipe)
     model = build_model(recipe, config, dtype, device, ds_config)
@@ -203,6 +197,8 @@ def load_model(recipe: Recipe, device: torch.device, layout: Layout | None = Non
         torch.manual_seed(recipe.train.seed)  # the adapters start the same however the base was built or loaded
         model = add_lora(model, recipe.lora)
         changes.append(f"lora: r={recipe.lora.r} alpha={recipe.lora.alpha} on {','.join(recipe.lora.targets)}")
+    if sp_group is not None:
+        changes.append(use_ulysses(model, sp_group, recipe.train.micro_batch_size))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # a ZeRO-3 partition knows its whole
     return model, {"rope": rope_record, "changes": changes, "trainable_params": trainable, "params": total}

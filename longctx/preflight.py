@@ -18,10 +18,10 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from longctx.attention import attention_implementation, sliding_window
 from longctx.checkpoint import check_resumable, identity, resolve_resume
-from longctx.config import ConfigError, Recipe
+from longctx.config import ConfigError, Recipe, model_dir, model_key
 from longctx.curves import check_tensorboard
 from longctx.data import check_records
-from longctx.model import check_lora_targets, load_tokenizer, model_dir, model_key, scaled_config
+from longctx.model import check_lora_targets, load_tokenizer, scaled_config
 from longctx.rope import rope_parameters
 
 # RoPE types whose frequencies transformers picks per forward from the largest position it is given

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from longctx.config import ConfigError, Recipe
+from longctx.config import ConfigError, Recipe, model_dir
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -58,8 +58,6 @@ def check_recipe(recipe: Recipe, world_size: int) -> None:
     if sp == 1:
         return
     from transformers import AutoConfig
-
-    from longctx.model import model_dir
 
     heads, kv_heads = model_heads(AutoConfig.from_pretrained(model_dir(recipe)))
     check_layout(sp, world_size, recipe.data.seq_len, heads, kv_heads)

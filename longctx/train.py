@@ -186,9 +186,7 @@ def train(run: ResolvedRun, topo: Topology, run_dir: Path, progress: Progress) -
     is_main = topo.rank == 0
     tokenizer = load_tokenizer(recipe)
     packed = build_data(recipe, tokenizer, topo, run_dir)
-    model, record = load_model(recipe, device, run.layout, ds_config)
-    if topo.sp_size > 1:
-        record["changes"].append(sequence_parallel.use_ulysses(model, topo.sp_group, t.micro_batch_size))
+    model, record = load_model(recipe, device, run.layout, ds_config, topo.sp_group if topo.sp_size > 1 else None)
     if is_main:
         (run_dir / "recipe.yaml").write_text(to_yaml(recipe))
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
