@@ -6,8 +6,8 @@ import helpers
 import pytest
 import torch
 
-from longctx.activation_checkpointing import (HostMemoryError, Layout, apply_checkpointing, choose_layout, decoder_layers,
-                                   layout_for, require_host_memory)
+from longctx.activation_checkpointing import (HostMemoryError, Layout, apply_checkpointing, choose_layout,
+                                              decoder_layers, layout_for, require_host_memory)
 from longctx.loss import causal_lm_loss
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
