@@ -123,3 +123,11 @@ def test_keys_shows_default_allowed_values_and_help_within_the_terminal_width(mo
     assert "allowed: each of zero_stage|offload|sp|checkpointing" in out and "allowed: each in [0.0, 1.0]" in out
     assert "lora.targets = [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]" in out
     assert "model.path = null  (str)" in out and "lora.enabled = false  (bool)" in out
+
+
+def test_output_cut_short_by_its_reader_is_not_an_error(tmp_path):
+    err = tmp_path / "err"
+    proc = subprocess.run(["bash", "-c", f"{sys.executable} -m longctx.cli keys 2>{err} | head -1; "
+                                         "echo ${PIPESTATUS[0]}"], capture_output=True, text=True, timeout=120)
+    first, status = proc.stdout.splitlines()
+    assert first.startswith("model.path = ") and status == "0" and err.read_text() == ""
