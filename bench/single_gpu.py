@@ -217,7 +217,9 @@ def child(stack: str, seq_len: int, steps: int, overrides: list[str], gpu_mem_gi
         model, optimizer, config, record = build(stack, seq_len, overrides)
         row.update(record, build_s=round(time.perf_counter() - t0, 1))
         gen = torch.Generator(device="cuda").manual_seed(seq_len)
-        warm = torch.randint(0, config.vocab_size, (1, WARMUP_TOKENS), device="cuda", generator=gen)
+        # S²-Attn's groups are cut from the recipe's length: a short warm-up sequence would not split into them
+        warm_len = seq_len if "attention.train_pattern=s2" in overrides else WARMUP_TOKENS
+        warm = torch.randint(0, config.vocab_size, (1, warm_len), device="cuda", generator=gen)
         train_step(stack, model, optimizer, warm)  # kernels, handles and workspaces made outside the timing
         ids = torch.randint(0, config.vocab_size, (1, seq_len), device="cuda", generator=gen)
         torch.cuda.reset_peak_memory_stats()

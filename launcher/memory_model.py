@@ -276,6 +276,8 @@ def saved_halves(shape: ModelShape, f: Features) -> tuple[int, int]:
     norm = _norm_input(f, h) + b * h + trained
     # q and k after RoPE, v, the kernel's output (o_proj's input is a view of it), its logsumexp
     attention = b * d * (2 * shape.heads + 2 * shape.kv_heads) + 4 * shape.heads
+    if f.attention_group:  # S²-Attn: o_proj reads the two halves' outputs joined (one rolled back) in a copy
+        attention += b * d * shape.heads
     # SwiGLU: gate (SiLU's input), SiLU's output, up, and their product (down_proj's input); a tiled
     # MLP keeps only its input (the norm's output) and recomputes the rest, adapters included
     mlp = 0 if f.mlp_tile_tokens else 4 * b * shape.intermediate
