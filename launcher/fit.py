@@ -8,12 +8,10 @@ import math
 from dataclasses import replace
 from typing import Iterator, Optional
 
-from longctx.config import ConfigError, Recipe, s2_group
+from longctx.config import PLANNER_CHOICES, ConfigError, Recipe, s2_group
 from longctx.launcher.memory_model import GiB, Cluster, Estimate, Features, ModelShape, Settings, estimate
 from longctx.sequence_parallel import allowed_degrees
 from longctx.tiled_mlp import AUTO_MIN_TOKENS
-
-SEARCHABLE = ("zero_stage", "offload", "sp", "checkpointing")
 
 
 def longest_fitting(shape: ModelShape, f: Features, s: Settings, cluster: Cluster,
@@ -103,7 +101,7 @@ def refusal(recipe: Recipe, cluster: Cluster, est: Estimate) -> str:
     numbers, the longest sequence that fits and settings that would."""
     shape, f, s = from_recipe(recipe)
     longest = longest_fitting(shape, f, s, cluster)
-    chosen = choose(shape, f, cluster, recipe.data.seq_len, s, set(SEARCHABLE))
+    chosen = choose(shape, f, cluster, recipe.data.seq_len, s, set(PLANNER_CHOICES))
     instead = f"settings that fit: {chosen.settings.describe()}" if chosen else "no settings fit on these GPUs"
     if est.gpu_peak > est.gpu_limit:
         need = (f"{est.gpu_peak / GiB:.1f} GiB per GPU, {est.gpu_limit / GiB:.1f} GiB usable of "

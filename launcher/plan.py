@@ -10,8 +10,8 @@ import sys
 from dataclasses import asdict, replace
 from typing import Optional
 
-from longctx.config import ConfigError, Recipe, load_recipe
-from longctx.launcher.fit import SEARCHABLE, choose, from_recipe, longest_any, longest_fitting
+from longctx.config import PLANNER_CHOICES, ConfigError, Recipe, load_recipe
+from longctx.launcher.fit import choose, from_recipe, longest_any, longest_fitting
 from longctx.launcher.memory_model import (ATTENTION_KINDS, GPU_RESERVED_BYTES, GiB, Cluster, Estimate, Settings,
                                            estimate, trainable_params)
 
@@ -53,9 +53,9 @@ def _count(least: int):
 
 def _searchable(text: str) -> set[str]:
     names = {k for k in text.split(",") if k}
-    unknown = sorted(names - set(SEARCHABLE))
+    unknown = sorted(names - set(PLANNER_CHOICES))
     if unknown:
-        raise argparse.ArgumentTypeError(f"{','.join(unknown)}: not one of {','.join(SEARCHABLE)}")
+        raise argparse.ArgumentTypeError(f"{','.join(unknown)}: not one of {','.join(PLANNER_CHOICES)}")
     return names
 
 
@@ -74,8 +74,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--host-mem", type=parse_bytes, default=None,
                    help=f"host memory of one node (default: {Cluster.host_mem / GiB:g}GiB, assumed when not given; "
                         f"the output says so)")
-    p.add_argument("--free", type=_searchable, default=",".join(SEARCHABLE),
-                   help=f"settings the planner may choose, from {','.join(SEARCHABLE)} ('' = none)")
+    p.add_argument("--free", type=_searchable, default=",".join(PLANNER_CHOICES),
+                   help=f"settings the planner may choose, from {','.join(PLANNER_CHOICES)} ('' = none)")
     p.add_argument("--attention", choices=ATTENTION_KINDS, help="override the attention kind implied by the recipe")
     p.add_argument("--loss", choices=("chunked", "full"), help="full: (seq x vocab) logits, as plain Hugging Face")
     p.add_argument("--mlp-tile-tokens", type=_count(0), help="tiled MLP: tokens per tile (0 = untiled); "

@@ -33,6 +33,11 @@ def _f(default: Any, help: str, **rules: Any) -> Any:
 
 ROPE_METHODS = ["none", "auto", "linear", "ntk", "dynamic", "yarn", "llama3", "longrope", "theta"]
 ATTENTION_BACKENDS = ["auto", "triton", "sdpa", "flex", "eager"]
+# choice lists the schema and the code that acts on them share
+CHECKPOINTING = ["auto", "none", "full", "offload"]
+TILED_MLP = ["auto", "always", "never"]  # not on/off: YAML reads those as booleans
+PLANNER_CHOICES = ["zero_stage", "offload", "sp", "checkpointing"]  # what parallel.auto may leave to the planner
+EVALUATIONS = ["ppl", "needle", "middle"]
 LORA_TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -120,11 +125,11 @@ class TrainSection:
     checkpointing: str = _f("auto", "activation checkpointing per decoder layer: none, full (inputs on the GPU), "
                             "offload (inputs in pinned host memory), auto (the planner fits inputs on the GPU or "
                             "host, and leaves top layers unchecked when memory allows)",
-                            choices=["auto", "none", "full", "offload"])
+                            choices=CHECKPOINTING)
     gpu_checkpoint_layers: int = _f(0, "checkpointing=offload: how many top layers keep their inputs on the GPU",
                                     min=0)
     tiled_mlp: str = _f("auto", "apply the MLP over sequence tiles (auto: from 32K tokens per rank)",
-                        choices=["auto", "always", "never"])
+                        choices=TILED_MLP)
     mlp_tile_tokens: int = _f(4096, "tokens per MLP tile", min=1)
     export: bool = _f(True, "write <out_dir>/hf (merged) and <out_dir>/adapter at the end")
     on_nonfinite: str = _f("stop", "a step whose loss or gradients are NaN/Inf: stop (exit with a line naming "
@@ -143,7 +148,7 @@ class ParallelSection:
     timeout_s: int = _f(1800, "seconds a rank waits for the others in a collective (a dead or hung rank ends "
                         "the job after this); covers rank 0 tokenising the data and writing a checkpoint", min=1)
     auto: list[str] = _f([], "settings the memory planner chooses at launch (cheapest that fits data.seq_len)",
-                         each_choices=["zero_stage", "offload", "sp", "checkpointing"])
+                         each_choices=PLANNER_CHOICES)
 
 
 @dataclass
@@ -160,7 +165,7 @@ class LoraSection:
 @dataclass
 class EvalSection:
     at_end: list[str] = _f([], "evaluations run after training on the exported model",
-                           each_choices=["ppl", "needle", "middle"])
+                           each_choices=EVALUATIONS)
     lengths: list[int] = _f([256, 512, 1024], "context lengths (tokens) for ppl and needle", each_min=1)
     depths: list[float] = _f([0.0, 0.5, 1.0], "needle depths, fractions of the context", each_min=0.0, each_max=1.0)
     trials: int = _f(2, "needles per (length, depth) cell", min=1)

@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 
 from longctx.activation_checkpointing import RngState
+from longctx.config import TILED_MLP
 
-TILED_MLP_SETTINGS = ("auto", "always", "never")  # not on/off: YAML reads those as booleans
 # auto tiles from this sequence length: at 32K the untiled intermediates of one 8B layer
 # (gate, up, act, product and their gradients) take ~6 GiB, and grow linearly past it.
 AUTO_MIN_TOKENS = 32768
@@ -24,8 +24,8 @@ AUTO_MIN_TOKENS = 32768
 
 def use_tiled_mlp(setting: str, seq_len: int) -> bool:
     """Whether `train.tiled_mlp` (auto | always | never) tiles at this sequence length."""
-    if setting not in TILED_MLP_SETTINGS:
-        raise ValueError(f"train.tiled_mlp={setting!r}: must be one of {'|'.join(TILED_MLP_SETTINGS)}")
+    if setting not in TILED_MLP:
+        raise ValueError(f"train.tiled_mlp={setting!r}: must be one of {'|'.join(TILED_MLP)}")
     return setting == "always" or (setting == "auto" and seq_len >= AUTO_MIN_TOKENS)
 
 

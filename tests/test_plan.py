@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from longctx.activation_checkpointing import Layout
-from longctx.config import LORA_TARGETS_ALL, ConfigError, load_recipe
-from longctx.launcher.fit import SEARCHABLE, candidates, choose, from_recipe, longest_fitting, refusal, resolve_auto
+from longctx.config import LORA_TARGETS_ALL, PLANNER_CHOICES, ConfigError, load_recipe
+from longctx.launcher.fit import candidates, choose, from_recipe, longest_fitting, refusal, resolve_auto
 from longctx.launcher.memory_model import (GiB, Cluster, Features, ModelShape, Settings, estimate, loss_working_set,
                                            model_states, saved_per_token)
 from longctx.launcher.plan import main, parse_bytes
@@ -139,10 +139,10 @@ def test_longest_fitting_is_the_boundary():
 
 def test_choose_takes_the_cheapest_settings_that_fit():
     node = Cluster(nodes=1, gpus_per_node=8, gpu_mem=80 * GiB, host_mem=1024 * GiB)
-    short = choose(LLAMA_8B, Features(), node, 8192, Settings(), set(SEARCHABLE))
+    short = choose(LLAMA_8B, Features(), node, 8192, Settings(), set(PLANNER_CHOICES))
     assert short.settings == Settings(zero_stage=1, sp=1, checkpointing="auto")
     assert short.layout.plain == 32  # at 8K every layer's activations fit: nothing is recomputed
-    long = choose(LLAMA_8B, Features(), node, 1 << 20, Settings(), set(SEARCHABLE))
+    long = choose(LLAMA_8B, Features(), node, 1 << 20, Settings(), set(PLANNER_CHOICES))
     assert long.fits and long.settings.sp > 1
     # fixed keys stay as given: sp=1 at 1M tokens cannot fit on one 80 GB GPU without offloading
     assert choose(LLAMA_8B, Features(), node, 1 << 20, Settings(sp=1), {"zero_stage", "checkpointing"}) is None

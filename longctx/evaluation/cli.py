@@ -10,7 +10,7 @@ from pathlib import Path
 
 from longctx.chunking import STRATEGIES
 from longctx.cli import ArgParser
-from longctx.config import ConfigError
+from longctx.config import EVALUATIONS, ConfigError
 from longctx.evaluation.common import (document_texts, load_model, model_name, parse_fractions, parse_lengths,
                                        rope_override, rope_variants)
 from longctx.evaluation.middle import MAX_PASSAGES
@@ -29,7 +29,7 @@ def parser() -> ArgParser:
     summaries = {"ppl": "perplexity of documents at each context length",
                  "needle": "pass-key retrieval at each length and depth",
                  "middle": "accuracy by the rank of the relevant passage (lost in the middle)"}
-    for name in ("ppl", "needle", "middle"):
+    for name in EVALUATIONS:
         s = sub.add_parser(name, prog=f"longctx eval {name}", help=summaries[name], description=summaries[name])
         s.add_argument("--model", action="append", required=True,
                        help="local model directory" + (" (repeat to compare models)" if name == "ppl" else ""))
