@@ -46,12 +46,6 @@ def single_process_env() -> None:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
-def check_world(recipe: Recipe) -> None:
-    from longctx.sequence_parallel import check_recipe
-
-    check_recipe(recipe, int(os.environ.get("WORLD_SIZE", "1")))
-
-
 def gpu_memory() -> int | None:
     """Total memory of this rank's GPU, or None when training runs on CPU."""
     import torch
@@ -150,10 +144,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--config is missing: give a recipe file, e.g. --config recipes/demo-cpu.yaml")
         single_process_env()
         recipe = resolve_parallel_auto(load_recipe(args.config, args.overrides))
-        check_world(recipe)
         from longctx.preflight import check_inputs
 
-        run = resolve(recipe, args.ignore_plan, check_inputs(recipe))
+        run = resolve(recipe, args.ignore_plan, check_inputs(recipe, int(os.environ["WORLD_SIZE"])))
         check_master_port()
     except (ConfigError, DiscoveryError) as e:
         return refuse(e)

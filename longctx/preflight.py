@@ -23,14 +23,15 @@ from longctx.curves import check_tensorboard
 from longctx.data import check_records
 from longctx.model import check_lora_targets, load_tokenizer, scaled_config
 from longctx.rope import rope_parameters
+from longctx.sequence_parallel import check_layout, model_heads
 
 # RoPE types whose frequencies transformers picks per forward from the largest position it is given
 PER_FORWARD_ROPE = ("dynamic", "longrope")
 
 
-def check_inputs(recipe: Recipe) -> Path | None:
-    """Raise ConfigError, one line naming the key, for a recipe that cannot run on its files; else the checkpoint
-    the run resumes from (None: it starts fresh)."""
+def check_inputs(recipe: Recipe, world_size: int = 1) -> Path | None:
+    """Raise ConfigError, one line naming the key, for a recipe that cannot run on its files in a world of
+    `world_size` ranks; else the checkpoint the run resumes from (None: it starts fresh)."""
     check_trusted(recipe)  # before transformers reads the directory: it would run the code it names
     config, rope = scaled_config(recipe)  # every RoPE rule
     check_tensorboard(recipe)
@@ -40,6 +41,7 @@ def check_inputs(recipe: Recipe) -> Path | None:
     device = os.environ.get("DS_ACCELERATOR") or ("cuda" if torch.cuda.is_available() else "cpu")
     attention_implementation(recipe.attention.backend, device, training=True)
     check_attention(config, recipe)
+    check_layout(recipe.parallel.sp, world_size, recipe.data.seq_len, *model_heads(config))
     check_sequence_parallel_rope(config, recipe.parallel.sp)
     layers = config.get_text_config().num_hidden_layers
     if recipe.train.gpu_checkpoint_layers > layers:
@@ -59,7 +61,7 @@ def check_inputs(recipe: Recipe) -> Path | None:
         check_records(recipe.data.path)
     resume = resolve_resume(recipe.train.resume, Path(recipe.train.out_dir) / "checkpoints")
     if resume is not None:
-        check_resumable(resume, int(os.environ.get("WORLD_SIZE", "1")), identity(recipe, rope))
+        check_resumable(resume, world_size, identity(recipe, rope))
     if "needle" in recipe.eval.at_end:
         from longctx.evaluation.reports import check_needle_lengths
 

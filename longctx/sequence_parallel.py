@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from longctx.config import ConfigError, Recipe, model_dir
+from longctx.config import ConfigError
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -50,17 +50,6 @@ def model_heads(config: PretrainedConfig) -> tuple[int, int]:
     """(attention heads, key/value heads) of a transformers config."""
     text = config.get_text_config()
     return text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-
-
-def check_recipe(recipe: Recipe, world_size: int) -> None:
-    """The sp checks for a recipe, before any weight is loaded (reads only the model's config.json)."""
-    sp = recipe.parallel.sp
-    if sp == 1:
-        return
-    from transformers import AutoConfig
-
-    heads, kv_heads = model_heads(AutoConfig.from_pretrained(model_dir(recipe)))
-    check_layout(sp, world_size, recipe.data.seq_len, heads, kv_heads)
 
 
 def shard_batch(batch: dict[str, torch.Tensor], sp_rank: int, sp_size: int) -> dict[str, torch.Tensor]:

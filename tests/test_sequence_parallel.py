@@ -11,7 +11,8 @@ import torch
 from longctx.config import ConfigError, load_recipe
 from longctx.data import pack_documents
 from longctx.topology import nodes_per_sp_group
-from longctx.sequence_parallel import allowed_degrees, check_layout, check_recipe, shard_batch
+from longctx.preflight import check_inputs
+from longctx.sequence_parallel import allowed_degrees, check_layout, shard_batch
 
 
 @pytest.mark.parametrize(
@@ -40,9 +41,9 @@ def test_layouts_that_split_or_repeat_kv_heads_are_accepted(sp, heads, kv):
 def test_recipe_check_reads_the_models_heads(demo_dir):
     # the demo Llama has 4 attention heads and 2 key/value heads
     recipe = load_recipe(None, [f"model.config={demo_dir}", "parallel.sp=4", "data.seq_len=1024"])
-    check_recipe(recipe, 4)  # 2 kv heads repeated to 4
+    check_inputs(recipe, 4)  # 2 kv heads repeated to 4
     with pytest.raises(ConfigError, match="its 4 attention heads do not divide by 8; allowed: 1, 2, 4$"):
-        check_recipe(load_recipe(None, [f"model.config={demo_dir}", "parallel.sp=8", "data.seq_len=1024"]), 8)
+        check_inputs(load_recipe(None, [f"model.config={demo_dir}", "parallel.sp=8", "data.seq_len=1024"]), 8)
 
 
 def test_shards_put_back_together_are_the_window_and_keep_every_label():
