@@ -55,9 +55,9 @@ def gpu_memory() -> int | None:
     return torch.cuda.get_device_properties(int(os.environ["LOCAL_RANK"])).total_memory
 
 
-def job_cluster() -> Cluster:
-    """This job as the planner sees it: ranks per node, memory of this rank's GPU (on CPU, the ranks
-    of a node share its available memory), available host memory."""
+def job_cluster(gpu_mem: int | None) -> Cluster:
+    """This job as the planner sees it: ranks per node, memory of this rank's GPU (`gpu_mem`; on CPU, None: the
+    ranks of a node share its available memory), available host memory."""
     from longctx.activation_checkpointing import available_host_bytes
     from longctx.launcher.memory_model import Cluster
 
@@ -65,23 +65,24 @@ def job_cluster() -> Cluster:
     # ranks on this node: deepspeed's launcher sets LOCAL_SIZE; torchrun and our SLURM/MPI discovery LOCAL_WORLD_SIZE
     local = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or world)
     host = available_host_bytes()
-    return Cluster(nodes=max(1, world // local), gpus_per_node=local, gpu_mem=gpu_memory() or host // local,
+    return Cluster(nodes=max(1, world // local), gpus_per_node=local, gpu_mem=gpu_mem or host // local,
                    host_mem=host)
 
 
-def resolve_parallel_auto(recipe: Recipe) -> Recipe:
+def resolve_parallel_auto(recipe: Recipe, cluster: Cluster, on_gpu: bool) -> Recipe:
     """`parallel.auto` settings replaced by the planner's choice for this job; rank 0 prints it."""
     if not recipe.parallel.auto:
         return recipe
     from longctx.launcher.fit import resolve_auto
 
-    recipe, line = resolve_auto(recipe, job_cluster(), on_gpu=gpu_memory() is not None)
+    recipe, line = resolve_auto(recipe, cluster, on_gpu)
     if int(os.environ["RANK"]) == 0:
         print(line, file=sys.stderr)
     return recipe
 
 
-def resolve(recipe: Recipe, ignore_plan: bool, resume_from: Path | None) -> ResolvedRun:
+def resolve(recipe: Recipe, cluster: Cluster, on_gpu: bool, ignore_plan: bool,
+            resume_from: Path | None) -> ResolvedRun:
     """What the recipe leaves to this job, decided once: the DeepSpeed config (checked by DeepSpeed's parser)
     and, on GPUs, the planner's estimate for this job's GPU and host memory, which refuses a step that cannot
     fit and gives the checkpointing layout. On CPU, where activations live in host memory anyway,
@@ -94,7 +95,6 @@ def resolve(recipe: Recipe, ignore_plan: bool, resume_from: Path | None) -> Reso
     from longctx.launcher.memory_model import estimate
     from longctx.model import resolve_dtype
 
-    on_gpu = gpu_memory() is not None
     dtype = resolve_dtype(recipe.model.dtype, torch.device("cuda" if on_gpu else "cpu"))
     ds_config = build_ds_config(recipe, bf16=dtype == torch.bfloat16)
     check_ds_config(ds_config)
@@ -104,7 +104,6 @@ def resolve(recipe: Recipe, ignore_plan: bool, resume_from: Path | None) -> Reso
         layout = layout_for("full" if t.checkpointing == "auto" else t.checkpointing, shape.layers,
                             t.gpu_checkpoint_layers)
         return ResolvedRun(recipe, layout, ds_config, resume_from)
-    cluster = job_cluster()
     est = estimate(shape, features, settings, cluster, recipe.data.seq_len)
     if not est.fits and not ignore_plan:
         raise ConfigError(refusal(recipe, cluster, est))
@@ -143,10 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.config is None:
             raise ConfigError("--config is missing: give a recipe file, e.g. --config recipes/demo-cpu.yaml")
         single_process_env()
-        recipe = resolve_parallel_auto(load_recipe(args.config, args.overrides))
+        gpu_mem = gpu_memory()
+        cluster, on_gpu = job_cluster(gpu_mem), gpu_mem is not None
+        recipe = resolve_parallel_auto(load_recipe(args.config, args.overrides), cluster, on_gpu)
         from longctx.preflight import check_inputs
 
-        run = resolve(recipe, args.ignore_plan, check_inputs(recipe, int(os.environ["WORLD_SIZE"])))
+        run = resolve(recipe, cluster, on_gpu, args.ignore_plan, check_inputs(recipe, int(os.environ["WORLD_SIZE"])))
         check_master_port()
     except (ConfigError, DiscoveryError) as e:
         return refuse(e)

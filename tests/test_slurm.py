@@ -75,7 +75,7 @@ def test_srun_tasks_per_node_tell_the_planner_how_many_nodes(monkeypatch, tasks,
     env = dict(step)
     discover(env)
     monkeypatch.setattr(os, "environ", env)  # what a task of this step sees, and nothing of this process's
-    cluster = job_cluster()
+    cluster = job_cluster(None)
     assert (cluster.nodes, cluster.gpus_per_node) == (32 // local_size, local_size)
 
 
