@@ -75,9 +75,9 @@ def main() -> None:
         layout = None
     if layout is None or min(layout.host, layout.gpu, layout.plain) < 0 or layout.layers != layers:
         p.error(f"--layout {args.layout!r}: expected host/gpu/plain, three whole numbers >= 0 adding up to {layers}")
-    model, optimizer, config, _ = single_gpu.build("longctx", args.tokens, [], layout)  # not the planner's choice
+    model, optimizer, config, record = single_gpu.build("longctx", args.tokens, [], layout)  # not the planner's choice
     gen = torch.Generator(device="cuda").manual_seed(args.tokens)
-    warm = torch.randint(0, config.vocab_size, (1, single_gpu.WARMUP_TOKENS), device="cuda", generator=gen)
+    warm = torch.randint(0, config.vocab_size, (1, record["warmup_tokens"]), device="cuda", generator=gen)
     single_gpu.train_step("longctx", model, optimizer, warm)
     ids = torch.randint(0, config.vocab_size, (1, args.tokens), device="cuda", generator=gen)
     torch.cuda.synchronize()

@@ -131,7 +131,7 @@ def build(stack: str, seq_len: int, overrides: list[str], layout=None):
     else:
         with torch.device("cuda"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
-    record = {}
+    record = {"warmup_tokens": WARMUP_TOKENS}
     if stack in OURS:
         from longctx.config import load_recipe
         from longctx.launcher.fit import from_recipe
@@ -149,6 +149,8 @@ def build(stack: str, seq_len: int, overrides: list[str], layout=None):
         t0 = time.perf_counter()
         record["changes"] = patch_model(model, recipe, torch.device("cuda"), layout).changes
         record["patch_s"] = round(time.perf_counter() - t0, 1)
+        if recipe.attention.train_pattern == "s2":  # its groups are cut from the recipe's length: warm up at it
+            record["warmup_tokens"] = seq_len
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS),
                            autocast_adapter_dtype=False)
     if stack in OURS:
@@ -217,9 +219,7 @@ def child(stack: str, seq_len: int, steps: int, overrides: list[str], gpu_mem_gi
         model, optimizer, config, record = build(stack, seq_len, overrides)
         row.update(record, build_s=round(time.perf_counter() - t0, 1))
         gen = torch.Generator(device="cuda").manual_seed(seq_len)
-        # S²-Attn's groups are cut from the recipe's length: a short warm-up sequence would not split into them
-        warm_len = seq_len if "attention.train_pattern=s2" in overrides else WARMUP_TOKENS
-        warm = torch.randint(0, config.vocab_size, (1, warm_len), device="cuda", generator=gen)
+        warm = torch.randint(0, config.vocab_size, (1, record["warmup_tokens"]), device="cuda", generator=gen)
         train_step(stack, model, optimizer, warm)  # kernels, handles and workspaces made outside the timing
         ids = torch.randint(0, config.vocab_size, (1, seq_len), device="cuda", generator=gen)
         torch.cuda.reset_peak_memory_stats()
