@@ -57,8 +57,8 @@ def build_model(recipe: Recipe, config: PretrainedConfig, dtype: torch.dtype, de
     without the draws of the modules' constructors, which is what ZeRO-3's partitioned init and the 4-bit
     layer-by-layer build draw too, so every path starts from the same weights. A random init runs on the rank's
     device (an 8B model initialises in seconds there, minutes on the host). Under ZeRO-3 in a process group each
-    rank builds or loads its partition only (`ds_config`: the run's DeepSpeed config); with model.quantize=nf4 the model is built a decoder layer at a time
-    on the device, in 4 bits."""
+    rank builds or loads its partition only (`ds_config`: the run's DeepSpeed config); with model.quantize=nf4 the
+    model is built a decoder layer at a time on the device, in 4 bits."""
     torch.manual_seed(recipe.train.seed)
     if recipe.model.quantize == "nf4":
         from longctx.quantize import build_nf4_model
