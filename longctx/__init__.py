@@ -7,5 +7,5 @@ from pathlib import Path
 # sys.path (python -m pytest, python -c from the root) a regular package named `kernels` would shadow the
 # installed `kernels` that transformers imports, while a folder without one never shadows an installed package.
 _CHECKOUT = Path(__file__).resolve().parent.parent
-if (_CHECKOUT / "kernels" / "flash_attn.py").is_file() and (_CHECKOUT / "launcher" / "run.py").is_file():
+if (_CHECKOUT / "kernels" / "flash_attn" / "__init__.py").is_file() and (_CHECKOUT / "launcher" / "run.py").is_file():
     __path__.append(str(_CHECKOUT))

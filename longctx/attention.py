@@ -6,7 +6,7 @@ boundaries (a flattening collator) may pass transformers' own `cu_seq_lens_q` /
 `max_length_q` keywords instead; sequence parallelism passes the gathered position_ids. Our mask function builds no mask, so
 transformers never materialises (seq x seq); each backend keeps documents apart itself:
 
-    triton  our flash attention (kernels/flash_attn.py), varlen over the documents
+    triton  our flash attention (kernels/flash_attn/), varlen over the documents
     sdpa    torch scaled_dot_product_attention, one call per document when packed
             (block-diagonal: exact, memory linear in the sequence)
     flex    torch FlexAttention with a document block mask (compiled on CUDA; on CPU torch

@@ -23,7 +23,7 @@ def test_transformers_and_longctx_import_with_the_checkout_root_first_on_sys_pat
         proc = subprocess.run([sys.executable, "-c", CHECK.format(root=str(ROOT))], cwd=cwd, capture_output=True,
                               text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        assert proc.stdout.strip() == str(ROOT / "kernels" / "flash_attn.py")
+        assert proc.stdout.strip() == str(ROOT / "kernels" / "flash_attn" / "__init__.py")
 
 
 def test_an_installed_wheel_finds_its_launcher_kernels_and_deepspeed_templates(tmp_path):
