@@ -92,18 +92,13 @@ def check_trusted(recipe: Recipe) -> None:
 
 
 def check_attention(config: PretrainedConfig, recipe: Recipe) -> None:
-    """Our attention is full causal over each document: a model that attends within a shorter window is refused;
-    S²-Attn needs an even number of heads to split in halves."""
+    """Our attention is full causal over each document: a model that attends within a shorter window is refused."""
     window = sliding_window(config)
     if window is not None and window < recipe.data.seq_len:
         raise ConfigError(f"{model_key(recipe)}={model_dir(recipe)!r}: the model attends within a sliding window of "
                           f"{window} tokens, shorter than data.seq_len={recipe.data.seq_len}, and longctx attention "
                           f"is full causal; "
                           f"set \"sliding_window\": null in a copy of its config.json to train it with full attention")
-    heads = config.get_text_config().num_attention_heads
-    if recipe.attention.train_pattern == "s2" and heads % 2:
-        raise ConfigError(f"attention.train_pattern=s2: S²-Attn shifts half of the attention heads, and the model has "
-                          f"{heads}; use attention.train_pattern=full (allowed: full|s2)")
 
 
 def check_sequence_parallel_rope(config: PretrainedConfig, sp: int) -> None:

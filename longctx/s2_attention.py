@@ -13,7 +13,8 @@ of a row in one group with its first G/2 (the paper's wrap-around: those first t
 last ones); in a row of several documents that group is cut at the row start, as any group is at
 a document boundary.
 
-Heads are split by their index in the model: [0, H/2) plain, [H/2, H) shifted. A GQA key/value
+Heads are split by their index in the model: [0, H//2) plain, [H//2, H) shifted (as the paper's code splits
+them: with an odd number of heads, such as SmolLM2's 9, the shifted part has one more). A GQA key/value
 head goes with its query heads; one whose query heads straddle the middle (an odd number of kv
 heads) is repeated so that each half reads its own copy. Under Ulysses sequence parallelism the
 all-to-all gives each rank whole sequences for a consecutive share of the heads, so the roll runs
@@ -68,8 +69,6 @@ def shifted_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """
     heads = q.shape[2]
     first, total = head_range or (0, heads)
-    if total % 2:
-        raise ValueError(f"S²-Attn shifts half of the attention heads; the model has {total}")
     plain = min(max(total // 2 - first, 0), heads)  # this rank's heads below the model's middle
     unshifted, shifted = split_heads(q, k, v, plain)
     half = group // 2
@@ -84,7 +83,7 @@ def shifted_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 def reference_s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, group: int,
                            scale: float) -> torch.Tensor:
     """The paper's definition in plain torch, for tests (use float64): kv heads repeated to every query head; the
-    second half of the heads rolled by -group/2 along the sequence; causal attention inside each group of
+    heads [h//2, h) rolled by -group/2 along the sequence; causal attention inside each group of
     `group` tokens among the tokens of one document (`starts` (batch, seq): True where a document starts, and at
     each row start); the second half's output rolled back."""
     b, s, h, _ = q.shape
@@ -94,7 +93,8 @@ def reference_s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, st
     # in a row of several documents the wrap-around group joins two ends of the row that are different text:
     # for the shifted half, the tokens that wrap (the row's first group/2) count as a document apart there
     wraps = (torch.arange(s, device=q.device) < group // 2) & (starts.sum(1, keepdim=True) > 1)
-    document = torch.stack([document, document + s * wraps], 2).repeat_interleave(h // 2, 2)  # (batch, seq, heads)
+    halves = torch.tensor([h // 2, h - h // 2], device=q.device)
+    document = torch.stack([document, document + s * wraps], 2).repeat_interleave(halves, 2)  # (batch, seq, heads)
 
     def roll_second_half(x: torch.Tensor, by: int) -> torch.Tensor:
         return torch.cat([x[:, :, : h // 2], x[:, :, h // 2 :].roll(by, 1)], 2)

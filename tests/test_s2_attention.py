@@ -5,7 +5,7 @@ at the sequence end, a Ulysses rank's share of heads, and a tiny Llama trained t
 import pytest
 import torch
 from helpers import loss_and_grads, rel_err, tiny_llama
-from transformers import AttentionInterface, LlamaConfig
+from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from longctx.attention import attention_forward, attention_implementation, no_mask
@@ -48,7 +48,8 @@ def reference(q, k, v, positions):
     return out, leaves
 
 
-HEAD_LAYOUTS = [(4, 4), (4, 2), (8, 2), (4, 1), (6, 3)]  # MHA, GQA, MQA, an odd number of kv heads
+# MHA, GQA, MQA, an odd number of kv heads, an odd number of heads (SmolLM2's: 4 plain, 5 shifted)
+HEAD_LAYOUTS = [(4, 4), (4, 2), (8, 2), (4, 1), (6, 3), (9, 3)]
 # the groups are cut above the backends, so the interpreted kernel (the slow one) runs the packed layout only
 CASES = [(backend, heads, kv_heads, layout) for backend in ("triton", "sdpa", "eager") for heads, kv_heads in HEAD_LAYOUTS
          for layout in ("packed", "one-document-per-row") if backend != "triton" or layout == "packed"]
@@ -91,9 +92,14 @@ def test_which_tokens_each_half_sees_written_out():
     assert visible_keys(out, v, 1, 5, 0) == [3, 4, 5]
     assert visible_keys(out, v, 1, 30, 1) == [29, 30]
     assert visible_keys(out, v, 1, 1, 1) == [1]
+    # 3 heads: head 0 plain, heads 1 and 2 shifted (the paper's code shifts heads [H//2, H))
+    q, k, v = (torch.randn(1, 32, 3, 16, dtype=torch.float64) for _ in range(3))
+    v.requires_grad_()
+    out = reference_s2_attention(q, k, v, starts_of(torch.arange(32).view(1, 32)), G, 0.25)
+    assert [visible_keys(out, v, 0, 13, head) for head in range(3)] == [[8, 9, 10, 11, 12, 13], [12, 13], [12, 13]]
 
 
-@pytest.mark.parametrize("heads, kv_heads, sp", [(8, 2, 2), (8, 2, 4), (6, 3, 3)])
+@pytest.mark.parametrize("heads, kv_heads, sp", [(8, 2, 2), (8, 2, 4), (6, 3, 3), (9, 3, 3)])
 def test_a_ulysses_rank_shifts_the_model_heads_it_holds(heads, kv_heads, sp):
     # what each rank's attention sees after the all-to-all: whole sequences for heads/sp of the heads, kv heads
     # split the same way, or repeated to sp first when fewer (DeepSpeed's UlyssesSPAttentionHF). With 6 heads over
@@ -165,13 +171,3 @@ def test_recipe_keys_are_checked(tmp_path):
         with pytest.raises(ConfigError) as e:
             load_recipe(DEMO, [*overrides, out])
         assert str(e.value) == message
-
-
-def test_an_odd_number_of_heads_is_refused_before_loading():
-    from longctx.preflight import check_attention
-
-    recipe = load_recipe(DEMO, ["attention.train_pattern=s2"])
-    with pytest.raises(ConfigError, match="attention.train_pattern=s2: S²-Attn shifts half of the attention heads, "
-                                          "and the model has 3"):
-        check_attention(LlamaConfig(num_attention_heads=3, num_key_value_heads=1, hidden_size=48), recipe)
-    check_attention(LlamaConfig(num_attention_heads=4, num_key_value_heads=1, hidden_size=64), recipe)
