@@ -63,14 +63,14 @@ def passkey_episodes(tokenizer: PreTrainedTokenizerBase, haystack: np.ndarray, c
                      max_tokens: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """At least `count` passkey episodes filling whole windows of `seq_len`: (token ids, loss mask, lengths).
 
-    An episode is the evaluation's passkey prompt (`longctx.passkey`: instruction, haystack with the key
-    at a uniform depth, question, the answer opened in the model's chat template) followed by the key: only the key
-    and the end of the turn carry loss, so a window of episodes trains retrieval alone, at full strength. The
-    haystack is training text (`haystack`, token ids), never the evaluations' prose. Lengths are drawn log-uniform
-    from 1/32 of `max_tokens` to twice it and clipped to it, so a sixth of the episodes are as long as allowed: the
-    farthest keys, the hardest, are not left to a thin tail. Depths follow the arcsine law, dense at both ends, where
-    a key sits farthest from the question or right beside the instruction. A window's last episode takes what is
-    left of it, so no episode is cut by a window boundary."""
+    An episode is the evaluation's passkey prompt (`longctx.passkey`: instruction, haystack with the key at some
+    depth, question, the answer opened in the model's chat template) followed by the key: only the key and the end
+    of the turn carry loss, so a window of episodes trains retrieval alone, at full strength. The haystack is
+    training text (`haystack`, token ids), never the evaluations' prose. Lengths are drawn log-uniform from 1/32 of
+    `max_tokens` to twice it and clipped to it, and a draw that would leave the window less room than the shortest
+    episode takes all of it: no episode is cut by a window boundary, and long episodes are common, so the farthest
+    keys, the hardest, are not left to a thin tail. Depths follow the arcsine law, dense at both ends, where a key sits
+    farthest from the question or right beside the instruction."""
     rng = random.Random(seed)
     head, tail, _ = task_frame(tokenizer, 1, "one")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
