@@ -142,6 +142,7 @@ def build(stack: str, seq_len: int, overrides: list[str], layout=None):
         # before LoRA: our attention, fused RoPE and RMSNorm, the checkpointing layout the planner picks for this
         # GPU (its --gpu-mem share), tiled MLP
         recipe = load_recipe(str(RECIPE), [f"data.seq_len={seq_len}", *overrides])
+        record["overrides"] = overrides  # with the layout in `changes`, what the planner's tests need of a run
         if layout is None:
             gpu_mem = int(torch.cuda.get_device_properties(0).total_memory
                           * torch.cuda.get_per_process_memory_fraction(0))
