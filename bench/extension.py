@@ -102,7 +102,7 @@ def train(method: str, steps: int, args: argparse.Namespace, runs: Path) -> tupl
            f"rope.method={method}", f"train.max_steps={steps}", f"train.out_dir={out}", "eval.at_end=[]",
            *args.overrides]
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)  # CalledProcessError: main reports it and keeps the rows so far
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return str(out / "hf"), {"tokens": rows[-1]["tokens"], "train_minutes": sum(r["step_s"] for r in rows) / 60,
                              "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows),
@@ -147,18 +147,29 @@ def main(argv: list[str]) -> int:
         for method in [m for m in BASE_METHODS if m in args.methods or m == "dynamic"]:
             rope = [] if method == "none" else [f"rope.method={method}", f"rope.factor={factor:g}"]
             record(f"{method}", {"method": method, "steps": 0, **evaluate(method, args.model, rope, args, out)})
+    failed = None
     if args.stage in ("train", "all"):
         for method in [m for m in args.methods if m in TRAIN_METHODS]:
             for steps in args.steps:
-                model_dir, cost = train(method, steps, args, out / "runs")
+                try:
+                    model_dir, cost = train(method, steps, args, out / "runs")
+                except subprocess.CalledProcessError as e:
+                    failed = f"the training run {run_name(method, args)} to {steps} steps exited {e.returncode} " \
+                             f"(its log is above)" + (f"; the rows before it are in {results}" if rows else "")
+                    break
                 label = f"{run_name(method, args)}+{steps}"
                 record(label, {"method": method, "steps": steps, **cost, **evaluate(label, model_dir, [], args, out)})
+            if failed:
+                break
     series = {label: ([int(n) for n, v in r["ppl"].items() if v], [v for v in r["ppl"].values() if v])
               for label, r in rows.items()}
     plots.ppl_lines(series, f"{Path(args.model).name}: perplexity against length (held-out prose)",
                     str(out / "ppl.png"))
     (out / "extension.md").write_text(table(rows, args) + "\n")
     print(table(rows, args))
+    if failed:
+        print(f"error: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 
