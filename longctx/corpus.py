@@ -59,6 +59,15 @@ def held_out_prose() -> list[str]:
     return [topics[name] for name in sorted(topics)]
 
 
+def check_episode_room(tokenizer: PreTrainedTokenizerBase, seq_len: int) -> int:
+    """The fewest tokens a passkey episode takes with this tokenizer; refuses a window shorter than that."""
+    shortest = minimum_length(tokenizer, 1, "one") + 8  # + room for the longest key's answer tokens
+    if seq_len < shortest:
+        raise ConfigError(f"data.seq_len={seq_len}: a passkey episode needs at least {shortest} tokens "
+                          f"(or data.passkey_documents=0)")
+    return shortest
+
+
 def passkey_episodes(tokenizer: PreTrainedTokenizerBase, haystack: np.ndarray, count: int, seq_len: int,
                      max_tokens: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """At least `count` passkey episodes filling whole windows of `seq_len`: (token ids, loss mask, lengths).
@@ -74,10 +83,7 @@ def passkey_episodes(tokenizer: PreTrainedTokenizerBase, haystack: np.ndarray, c
     rng = random.Random(seed)
     head, tail, _ = task_frame(tokenizer, 1, "one")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    shortest = minimum_length(tokenizer, 1, "one") + 8  # + room for the longest key's answer tokens
-    if seq_len < shortest:
-        raise ConfigError(f"data.seq_len={seq_len}: a passkey episode needs at least {shortest} tokens "
-                          f"(or data.passkey_documents=0)")
+    shortest = check_episode_room(tokenizer, seq_len)
     longest = min(max_tokens or seq_len, seq_len)
     low = max(shortest, longest // 32)
     haystack = np.resize(haystack, max(len(haystack), seq_len))  # a small corpus repeats

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from longctx.attention import attention_implementation, sliding_window
 from longctx.checkpoint import check_resumable, identity, resolve_resume
 from longctx.config import ConfigError, Recipe, model_dir, model_key
+from longctx.corpus import check_episode_room
 from longctx.curves import check_tensorboard
 from longctx.data import check_records
 from longctx.model import check_lora_targets, load_tokenizer, scaled_config
@@ -59,6 +60,8 @@ def check_inputs(recipe: Recipe, world_size: int = 1) -> Path | None:
                           f"({str(e).strip().splitlines()[0]})") from None
     if recipe.data.path is not None:
         check_records(recipe.data.path)
+    elif recipe.data.passkey_documents:
+        check_episode_room(tokenizer, recipe.data.seq_len)
     resume = resolve_resume(recipe.train.resume, Path(recipe.train.out_dir) / "checkpoints")
     if resume is not None:
         check_resumable(resume, world_size, identity(recipe, rope))

@@ -45,6 +45,7 @@ def run_launcher(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
         ("data.path=pyproject.toml", "data.path='pyproject.toml': expected .jsonl/.json/.parquet/.txt files"),
         ("model.tokenizer=tests", "model.tokenizer='tests': no tokenizer loads from it"),
         ("eval.at_end=[needle] eval.lengths=[8]", "eval.lengths: 8 tokens cannot hold 1 needle(s)"),
+        ("data.seq_len=64", "data.seq_len=64: a passkey episode needs at least 97 tokens (or data.passkey_documents=0)"),
         ("data.seq_len=1000", None),  # valid on its own: contrasts the failing cases
     ],
 )
