@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from longctx.config import ConfigError, load_recipe  # noqa: E402
 from longctx.evaluation import plots  # noqa: E402
-from longctx.evaluation.common import load_model, parse_fractions, parse_lengths, short  # noqa: E402
+from longctx.evaluation.common import load_pretrained, parse_fractions, parse_lengths, short  # noqa: E402
 from longctx.evaluation.ppl import perplexity_by_length  # noqa: E402
 from longctx.evaluation.reports import long_documents, needle_report  # noqa: E402
 from longctx.launcher.discovery import free_port  # noqa: E402
@@ -77,7 +77,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def evaluate(label: str, model_dir: str, rope: list[str], args: argparse.Namespace, out: Path) -> dict:
     """Perplexity by length and the passkey grid of one model (RoPE overrides applied to its config)."""
-    model, tokenizer = load_model(model_dir, rope)
+    model, tokenizer = load_pretrained(model_dir, rope)
     documents = long_documents(tokenizer, max(args.ppl_lengths), None)
     ppl = perplexity_by_length(model, documents, args.ppl_lengths)
     needle = needle_report(model, tokenizer, args.needle_lengths, args.depths, args.trials, out / "needle" / label,

@@ -179,7 +179,7 @@ def _auto_sdpa(q, k, v, docs: Documents | None, scale: float) -> torch.Tensor:
         return _sdpa(q, k, v, docs, scale)
 
 
-KERNELS = {"triton": _triton, "sdpa": _sdpa, "flex": _flex, "eager": _eager}
+BACKEND_FUNCTIONS = {"triton": _triton, "sdpa": _sdpa, "flex": _flex, "eager": _eager}
 
 
 HALF = (torch.bfloat16, torch.float16)
@@ -264,7 +264,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                 docs = docs.repeated(q.shape[0] // position_ids.shape[0])
         if docs is not None and docs.count <= q.shape[0]:
             docs = None  # one document per row needs no document mask
-    run = _auto if backend == "auto" else KERNELS[backend]
+    run = _auto if backend == "auto" else BACKEND_FUNCTIONS[backend]
     if s2_group and module.training:
         plain, shifted = _s2_groups(docs, q.shape[0], q.shape[1], s2_group, q.device)
 

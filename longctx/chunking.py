@@ -123,7 +123,7 @@ def main(argv: list[str]) -> int:
     """`longctx chunk FILE --tokenizer DIR (--window N [--overlap M] | --semantic MAX) [--out F.jsonl]`"""
     from longctx.cli import ArgParser
     from longctx.config import ConfigError
-    from longctx.token_count import load_tokenizer
+    from longctx.token_count import tokenizer_at
 
     p = ArgParser(prog="longctx chunk")
     p.add_argument("file", help="a text file (one document), or a .jsonl/.json/.parquet data file whose records "
@@ -149,7 +149,7 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f"--window/--overlap: {e}") from None
     if args.out and not Path(args.out).resolve().parent.is_dir():
         raise ConfigError(f"--out {args.out}: its directory does not exist")
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = tokenizer_at(args.tokenizer)
     rows = []
     for document, text in enumerate(documents(args.file)):
         starts = token_starts(text, tokenizer)

@@ -330,7 +330,7 @@ def load_weights(g: GGUF, config: PretrainedConfig) -> torch.nn.Module:
     return model
 
 
-def load_tokenizer(g: GGUF):
+def gguf_tokenizer(g: GGUF):
     """transformers' conversion of the GGUF vocabulary, with its chat template. Its model_max_length stays unset:
     documents longer than the model's context are what longctx tokenizes (and the config holds the context)."""
     from transformers import PreTrainedTokenizerFast
@@ -365,7 +365,7 @@ def import_gguf(path: Path, out: Path) -> str:
     print(f"reading {path}", file=sys.stderr)
     g = read_gguf(path)
     config = hf_config(g)
-    tokenizer = load_tokenizer(g)
+    tokenizer = gguf_tokenizer(g)
     model = load_weights(g, config)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.importing-{os.getpid()}"

@@ -86,7 +86,7 @@ def inv_freq(config: PretrainedConfig, seq_len: int | None = None) -> tuple[torc
     return inv.float(), float(attention)
 
 
-def describe(config: PretrainedConfig) -> dict[str, Any]:
+def summary(config: PretrainedConfig) -> dict[str, Any]:
     """What a person needs to know about a model's RoPE."""
     p = rope_parameters(config)
     inv, attention = inv_freq(config)
@@ -209,7 +209,7 @@ def scale_from_recipe(config: PretrainedConfig, section: RopeSection,
 
     target = section.target_length or default_target
     params = {k: getattr(section, k) for k in RECIPE_PARAMS if getattr(section, k) is not None}
-    before = describe(config)
+    before = summary(config)
     if section.method == "none":
         if section.target_length is not None:
             params = {"target_length": section.target_length, **params}
@@ -224,7 +224,7 @@ def scale_from_recipe(config: PretrainedConfig, section: RopeSection,
             scaled = scale_config(config, target, section.method, **params)
         except RopeError as e:
             raise ConfigError(str(e)) from None
-    after = before if scaled is config else describe(scaled)
+    after = before if scaled is config else summary(scaled)
     method = section.method if section.method != "auto" else f"auto -> {_method_name(scaled, config)}"
     return scaled, {
         "method": method,

@@ -116,7 +116,7 @@ def load_config(model_dir: str) -> PretrainedConfig:
 
 def show(args: argparse.Namespace) -> int:
     try:
-        info = rope.describe(load_config(args.model_dir))
+        info = rope.summary(load_config(args.model_dir))
     except rope.RopeError as e:
         raise ConfigError(f"model_dir={args.model_dir!r}: {e}") from None
     if args.json:
@@ -157,7 +157,7 @@ def scale(args: argparse.Namespace) -> int:
         else:
             os.symlink(item.resolve(), out / item.name)
     scaled.save_pretrained(out)
-    info = rope.describe(scaled)
+    info = rope.summary(scaled)
     print(f"wrote {out}: {info['rope_type']} {json.dumps(info['rope_parameters'])}, "
           f"max_position_embeddings {info['max_position_embeddings']}")
     return 0

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-def load_tokenizer(path: str, key: str = "--tokenizer") -> PreTrainedTokenizerBase:
+def tokenizer_at(path: str, key: str = "--tokenizer") -> PreTrainedTokenizerBase:
     """A tokenizer from a local directory, or a one-line error naming the argument."""
     from transformers import AutoTokenizer
 
@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
     if not Path(args.path).exists():
         raise ConfigError(f"path={args.path}: no such file or directory")
     lengths = parse_lengths(args.lengths)
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = tokenizer_at(args.tokenizer)
     files = data_files(args.path, "path")[1]
     for f in files:  # an empty or unreadable file is refused before any is counted
         check_records(f, "path")

@@ -328,10 +328,10 @@ def _tuned(name: str, tiles: str | int):
     configs = [triton.Config(dict(zip(TILE_NAMES[name], c[:-2])), num_warps=c[-2], num_stages=c[-1],
                              pre_hook=lambda args, name=name: _size_descriptors(name, args))
                for c in choices]
-    return triton.autotune(configs, key=["D", "CAUSAL", "GROUP"])(KERNELS[name])
+    return triton.autotune(configs, key=["D", "CAUSAL", "GROUP"])(JIT_KERNELS[name])
 
 
-KERNELS = {"fwd": _fwd_kernel, "bwd": _bwd_kernel}
+JIT_KERNELS = {"fwd": _fwd_kernel, "bwd": _bwd_kernel}
 
 
 def _launch(name: str, grid, longest: int, *args, **kwargs) -> None:

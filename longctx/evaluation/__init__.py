@@ -15,10 +15,10 @@ MIDDLE_STRATEGIES = ["none", "first-last"]
 def run_at_end(model_dir: str, section: EvalSection, out_dir: str) -> dict:
     """The evaluations a recipe's `eval.at_end` lists (a `longctx.config.EvalSection`) on an exported model
     directory (tokenizer inside); JSON + PNG reports go to out_dir. Returns {evaluation: one summary line}."""
-    from longctx.evaluation.common import load_model, model_name
+    from longctx.evaluation.common import load_pretrained, model_name
     from longctx.evaluation.reports import long_documents, middle_report, needle_report, ppl_report, summary_line
 
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_pretrained(model_dir)
     name = model_name(model_dir)
     lengths = sorted(set(section.lengths))
     out = Path(out_dir)

@@ -11,7 +11,7 @@ from pathlib import Path
 from longctx.chunking import STRATEGIES
 from longctx.cli import ArgParser
 from longctx.config import EVALUATIONS, ConfigError
-from longctx.evaluation.common import (document_texts, load_model, model_name, parse_fractions, parse_lengths,
+from longctx.evaluation.common import (document_texts, load_pretrained, model_name, parse_fractions, parse_lengths,
                                        rope_override, rope_variants)
 from longctx.evaluation.middle import MAX_PASSAGES
 from longctx.passkey import MAX_NEEDLES
@@ -135,15 +135,15 @@ def main(argv: list[str]) -> int:
             documents = long_documents(AutoTokenizer.from_pretrained(d), max(args.lengths), texts)
             for overrides in rope_variants(args.rope):
                 label = model_name(d) + (" " + " ".join(o[len("rope."):] for o in overrides) if overrides else "")
-                variants[label] = (lambda d=d, o=overrides: load_model(d, o), documents)
+                variants[label] = (lambda d=d, o=overrides: load_pretrained(d, o), documents)
         report = ppl_report(variants, args.lengths, out, args.score_last, args.stride, args.batch_size)
     elif args.task == "needle":
         check_needle_lengths(tokenizer, args.lengths, args.needles, args.retrieve, "--lengths")
-        model, tokenizer = load_model(args.model[0], args.rope)
+        model, tokenizer = load_pretrained(args.model[0], args.rope)
         report = needle_report(model, tokenizer, args.lengths, args.depths, args.trials, out, texts, args.needles,
                                args.retrieve, model_name(args.model[0]))
     else:
-        model, tokenizer = load_model(args.model[0], args.rope)
+        model, tokenizer = load_pretrained(args.model[0], args.rope)
         report = middle_report(model, tokenizer, args.passages, args.trials, out, args.reorder, texts, args.words,
                                model_name(args.model[0]))
     print(summary_line(args.task, report))

@@ -66,7 +66,7 @@ def first_numbers_match(generated: str, answers: list[str]) -> float:
     return float(sorted(numbers[: len(answers)]) == sorted(answers))
 
 
-def load_model(model_dir: str, rope_overrides: list[str] = ()) -> tuple[torch.nn.Module, object]:
+def load_pretrained(model_dir: str, rope_overrides: list[str] = ()) -> tuple[torch.nn.Module, object]:
     """A causal LM and its tokenizer from a local directory (bf16 on GPU, fp32 on CPU), RoPE optionally overridden."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
