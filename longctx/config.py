@@ -1,9 +1,9 @@
 """The recipe schema: typed sections, defaults in one place, eager validation.
 
 A recipe is a YAML file merged over these dataclasses, then `a.b=value` overrides from the
-command line. Every field documents itself in `metadata["help"]`; `choices`, `min` and `max`
-in the metadata drive validation, so a bad value is rejected here, naming the key, before
-any model, data or process group exists.
+command line. Every field documents itself in `metadata["help"]`; a Literal type names its
+allowed values, and `min` and `max` in the metadata bound numbers, so a bad value is rejected
+here, naming the key, before any model, data or process group exists.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 import os
 from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -31,13 +31,25 @@ def _f(default: Any, help: str, **rules: Any) -> Any:
     return field(default=default, metadata={"help": help, **rules})
 
 
-ROPE_METHODS = ["none", "auto", "linear", "ntk", "dynamic", "yarn", "llama3", "longrope", "theta"]
-ATTENTION_BACKENDS = ["auto", "triton", "sdpa", "flex", "eager"]
-# choice lists the schema and the code that acts on them share
-CHECKPOINTING = ["auto", "none", "full", "offload"]
-TILED_MLP = ["auto", "always", "never"]  # not on/off: YAML reads those as booleans
-PLANNER_CHOICES = ["zero_stage", "offload", "sp", "checkpointing"]  # what parallel.auto may leave to the planner
-EVALUATIONS = ["ppl", "needle", "middle"]
+# The choices of a key are its Literal type; the code that acts on them imports the type or its values
+Dtype = Literal["auto", "bf16", "fp32"]
+Quantize = Literal["none", "nf4"]
+RopeMethod = Literal["none", "auto", "linear", "ntk", "dynamic", "yarn", "llama3", "longrope", "theta"]
+AttentionBackend = Literal["auto", "triton", "sdpa", "flex", "eager"]
+TrainPattern = Literal["full", "s2"]
+CorpusUnit = Literal["files", "packages"]
+Checkpointing = Literal["auto", "none", "full", "offload"]
+TiledMlp = Literal["auto", "always", "never"]  # not on/off: YAML reads those as booleans
+OnNonfinite = Literal["stop", "skip"]
+ZeroStage = Literal[0, 1, 2, 3]
+PlannerChoice = Literal["zero_stage", "offload", "sp", "checkpointing"]  # what parallel.auto may leave to the planner
+Evaluation = Literal["ppl", "needle", "middle"]
+ROPE_METHODS = list(get_args(RopeMethod))
+ATTENTION_BACKENDS = list(get_args(AttentionBackend))
+CHECKPOINTING = list(get_args(Checkpointing))
+TILED_MLP = list(get_args(TiledMlp))
+PLANNER_CHOICES = list(get_args(PlannerChoice))
+EVALUATIONS = list(get_args(Evaluation))
 LORA_TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -48,18 +60,16 @@ class ModelSection:
     config: Optional[str] = _f(None, "config-only directory (config + tokenizer): the model is built with random "
                                "weights; given on the command line, it replaces the recipe's model.path")
     tokenizer: Optional[str] = _f(None, "tokenizer directory; default: model.path or model.config")
-    dtype: str = _f("auto", "training dtype of weights and activations; auto = bf16 on GPU, fp32 on CPU",
-                    choices=["auto", "bf16", "fp32"])
-    quantize: str = _f("none", "frozen base weights of the decoder layers' linears: none (model.dtype) or nf4 (4-bit "
-                       "NF4 with double-quantised scales, QLoRA; needs lora.enabled)", choices=["none", "nf4"])
+    dtype: Dtype = _f("auto", "training dtype of weights and activations; auto = bf16 on GPU, fp32 on CPU")
+    quantize: Quantize = _f("none", "frozen base weights of the decoder layers' linears: none (model.dtype) or nf4 (4-bit "
+                       "NF4 with double-quantised scales, QLoRA; needs lora.enabled)")
     trust_remote_code: bool = _f(False, "run the Python code a model directory ships (its config's auto_map); "
                                  "a directory that needs it is refused unless true")
 
 
 @dataclass
 class RopeSection:
-    method: str = _f("none", "RoPE scaling method; auto picks one from the target length",
-                     choices=ROPE_METHODS)
+    method: RopeMethod = _f("none", "RoPE scaling method; auto picks one from the target length")
     target_length: Optional[int] = _f(None, "context length to reach; default data.seq_len", min=1)
     factor: Optional[float] = _f(None, "scaling factor; default target / original context", min=1.0)
     theta: Optional[float] = _f(None, "new base frequency (method theta)", min=1.0)
@@ -77,12 +87,10 @@ class RopeSection:
 
 @dataclass
 class AttentionSection:
-    backend: str = _f("auto", "attention kernel; auto picks per device and batch",
-                      choices=ATTENTION_BACKENDS)
-    train_pattern: str = _f("full", "attention in training: full (causal over each document) or s2 (LongLoRA's "
+    backend: AttentionBackend = _f("auto", "attention kernel; auto picks per device and batch")
+    train_pattern: TrainPattern = _f("full", "attention in training: full (causal over each document) or s2 (LongLoRA's "
                             "shifted sparse attention: causal within groups of attention.s2_group tokens, half of the "
-                            "heads shifted by half a group); evaluation, generation and export always use full attention",
-                            choices=["full", "s2"])
+                            "heads shifted by half a group); evaluation, generation and export always use full attention")
     s2_group: int = _f(0, "train_pattern=s2: tokens per group, an even divisor of data.seq_len; 0 = a quarter of "
                        "data.seq_len (the paper's choice)", min=0)
 
@@ -95,9 +103,8 @@ class DataSection:
     min_doc_tokens: int = _f(0, "drop documents shorter than this many tokens", min=0)
     max_documents: Optional[int] = _f(None, "use at most this many documents (embedded corpus: module files or "
                                       "packages; the passkey episodes come on top)", min=1)
-    corpus_unit: str = _f("files", "embedded corpus: one document per standard-library module file, or per "
-                          "package (its files joined: documents of 10K to 5M tokens, for long targets)",
-                          choices=["files", "packages"])
+    corpus_unit: CorpusUnit = _f("files", "embedded corpus: one document per standard-library module file, or per "
+                          "package (its files joined: documents of 10K to 5M tokens, for long targets)")
     passkey_documents: int = _f(64, "embedded corpus: at least this many passkey episodes (the passkey "
                                 "evaluation's prompt over training text, loss on the key only), in windows of "
                                 "their own", min=0)
@@ -122,33 +129,29 @@ class TrainSection:
     grad_accum: int = _f(1, "micro-batches per optimizer step", min=1)
     grad_clip: float = _f(1.0, "gradient norm clip; 0 = off", min=0.0)
     loss_chunk_tokens: int = _f(4096, "tokens per chunk of the output projection + loss", min=1)
-    checkpointing: str = _f("auto", "activation checkpointing per decoder layer: none, full (inputs on the GPU), "
+    checkpointing: Checkpointing = _f("auto", "activation checkpointing per decoder layer: none, full (inputs on the GPU), "
                             "offload (inputs in pinned host memory), auto (the planner fits inputs on the GPU or "
-                            "host, and leaves top layers unchecked when memory allows)",
-                            choices=CHECKPOINTING)
+                            "host, and leaves top layers unchecked when memory allows)")
     gpu_checkpoint_layers: int = _f(0, "checkpointing=offload: how many top layers keep their inputs on the GPU",
                                     min=0)
-    tiled_mlp: str = _f("auto", "apply the MLP over sequence tiles (auto: from 32K tokens per rank)",
-                        choices=TILED_MLP)
+    tiled_mlp: TiledMlp = _f("auto", "apply the MLP over sequence tiles (auto: from 32K tokens per rank)")
     mlp_tile_tokens: int = _f(4096, "tokens per MLP tile", min=1)
     export: bool = _f(True, "write <out_dir>/hf (merged) and <out_dir>/adapter at the end")
-    on_nonfinite: str = _f("stop", "a step whose loss or gradients are NaN/Inf: stop (exit with a line naming "
-                           "the step; the last checkpoint stays the newest) or skip (no update, counted in metrics)",
-                           choices=["stop", "skip"])
+    on_nonfinite: OnNonfinite = _f("stop", "a step whose loss or gradients are NaN/Inf: stop (exit with a line naming "
+                           "the step; the last checkpoint stays the newest) or skip (no update, counted in metrics)")
     tensorboard: bool = _f(False, "also log loss, lr and tokens/s through DeepSpeed's TensorBoard monitor into "
                            "<out_dir>/tensorboard")
 
 
 @dataclass
 class ParallelSection:
-    zero_stage: int = _f(2, "DeepSpeed ZeRO stage", choices=[0, 1, 2, 3])
+    zero_stage: ZeroStage = _f(2, "DeepSpeed ZeRO stage")
     offload_optimizer: bool = _f(False, "keep optimizer states in host memory (ZeRO >= 1)")
     offload_params: bool = _f(False, "keep parameters in host memory (ZeRO 3)")
     sp: int = _f(1, "sequence-parallel degree (ranks that share one sequence)", min=1)
     timeout_s: int = _f(1800, "seconds a rank waits for the others in a collective (a dead or hung rank ends "
                         "the job after this); covers rank 0 tokenising the data and writing a checkpoint", min=1)
-    auto: list[str] = _f([], "settings the memory planner chooses at launch (cheapest that fits data.seq_len)",
-                         each_choices=PLANNER_CHOICES)
+    auto: list[PlannerChoice] = _f([], "settings the memory planner chooses at launch (cheapest that fits data.seq_len)")
 
 
 @dataclass
@@ -164,8 +167,7 @@ class LoraSection:
 
 @dataclass
 class EvalSection:
-    at_end: list[str] = _f([], "evaluations run after training on the exported model",
-                           each_choices=EVALUATIONS)
+    at_end: list[Evaluation] = _f([], "evaluations run after training on the exported model")
     lengths: list[int] = _f([256, 512, 1024], "context lengths (tokens) for ppl and needle", each_min=1)
     depths: list[float] = _f([0.0, 0.5, 1.0], "needle depths, fractions of the context", each_min=0.0, each_max=1.0)
     trials: int = _f(2, "needles per (length, depth) cell", min=1)
@@ -184,20 +186,55 @@ class Recipe:
 
 
 @functools.cache
-def schema() -> dict[str, Field]:
-    """Every recipe key, dotted (`train.lr`), in schema order, with its dataclass field: type, default, help and
-    rules. The one walk over the sections."""
-    keys = {}
+def _walk() -> tuple[dict[str, Field], dict[str, Any]]:
+    """The one walk over the sections: every recipe key, dotted (`train.lr`), in schema order, with its dataclass
+    field and its type (the annotation resolved)."""
+    keys, types = {}, {}
 
     def walk(cls: type, prefix: str) -> None:
+        hints = get_type_hints(cls)
         for f in fields(cls):
             if f.default is MISSING and is_dataclass(f.default_factory):
                 walk(f.default_factory, f"{prefix}{f.name}.")
             else:
-                keys[prefix + f.name] = f
+                keys[prefix + f.name], types[prefix + f.name] = f, hints[f.name]
 
     walk(Recipe, "")
-    return keys
+    return keys, types
+
+
+def schema() -> dict[str, Field]:
+    """Every recipe key, dotted, with its dataclass field: default, help and rules."""
+    return _walk()[0]
+
+
+def key_type(key: str) -> Any:
+    """A key's type, Optional removed: str, int, list[int], Literal["full", "s2"], list[Literal[...]]."""
+    t = _walk()[1][key]
+    if get_origin(t) is Union:
+        t = next(a for a in get_args(t) if a is not type(None))
+    return t
+
+
+def choices(key: str) -> tuple[list, bool] | None:
+    """The values a key allows when its type is a Literal, and whether they apply to each item of a list."""
+    t = key_type(key)
+    each = get_origin(t) is list
+    t = get_args(t)[0] if each else t
+    return (list(get_args(t)), each) if get_origin(t) is Literal else None
+
+
+def _choice_error(key: str, value: Any) -> ConfigError | None:
+    found = choices(key)
+    if found is None:
+        return None
+    allowed, each = found
+    names = "|".join(str(c) for c in allowed)
+    ok = lambda v: any(v == a and type(v) is type(a) for a in allowed)  # noqa: E731 (True is not 1)
+    if each:
+        bad = [v for v in (value if isinstance(value, list) else [value]) if not ok(v)]
+        return ConfigError(f"{key}: {bad[0]!r} is not one of {names}") if bad else None
+    return None if ok(value) else ConfigError(f"{key}={value!r}: must be one of {names}")
 
 
 def _unknown_key_error(key: str) -> ConfigError:
@@ -206,12 +243,18 @@ def _unknown_key_error(key: str) -> ConfigError:
     return ConfigError(f"{key}: unknown key{hint}")
 
 
+def _is_text(key: str) -> bool:
+    """Whether a key's values are words: str, or a Literal of strings (a list of them is YAML)."""
+    t = key_type(key)
+    return t is str or (get_origin(t) is Literal and all(isinstance(c, str) for c in get_args(t)))
+
+
 def _parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"{item}: overrides are written key=value (e.g. train.max_steps=10)")
     key, raw = item.split("=", 1)
     key = key.strip()
-    if key in schema() and schema()[key].type in ("str", "Optional[str]") and raw not in ("", "null", "~"):
+    if key in schema() and _is_text(key) and raw not in ("", "null", "~"):
         return key, raw  # text as typed: `on`, `yes` or `1e3` stay strings, not YAML's bool or float
     try:  # YAML typing, as in a recipe file: 10 -> int, true -> bool, [a,b] -> list, null -> None
         value = yaml.safe_load(raw) if raw else None
@@ -225,8 +268,8 @@ def _merge(base: DictConfig, key: str, value: Any) -> None:
         raise _unknown_key_error(key)
     try:
         OmegaConf.update(base, key, value, merge=True, force_add=False)
-    except OmegaConfBaseException as e:
-        raise _type_error(key, value, e) from None
+    except OmegaConfBaseException as e:  # a value outside a Literal's choices is named as validation names it
+        raise (_choice_error(key, value) or _type_error(key, value, e)) from None
 
 
 def _type_error(key: str, value: Any, err: Exception) -> ConfigError:
@@ -287,13 +330,9 @@ def _check_field(key: str, value: Any, meta: dict) -> None:
     items = value if isinstance(value, list) else [value]
     if any(isinstance(v, float) and not math.isfinite(v) for v in items):
         raise ConfigError(f"{key}={value!r}: must be a finite number")
-    if "choices" in meta and value not in meta["choices"]:
-        allowed = "|".join(str(c) for c in meta["choices"])
-        raise ConfigError(f"{key}={value!r}: must be one of {allowed}")
-    if "each_choices" in meta:
-        for v in value:
-            if v not in meta["each_choices"]:
-                raise ConfigError(f"{key}: {v!r} is not one of {'|'.join(meta['each_choices'])}")
+    error = _choice_error(key, value)
+    if error:
+        raise error
     if "each_min" in meta or "each_max" in meta:
         lo, hi = meta.get("each_min", -math.inf), meta.get("each_max", math.inf)
         if not value:

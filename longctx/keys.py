@@ -7,16 +7,17 @@ import textwrap
 from typing import Any
 
 from longctx.cli import ArgParser
-from longctx.config import default_of, schema
+from typing import Literal, get_args, get_origin
+
+from longctx.config import choices, default_of, key_type, schema
 
 
-def allowed(meta: dict) -> str:
+def allowed(key: str, meta: dict) -> str:
     """What validation accepts, in the words of its errors: `one of a|b`, `>= 1`, `each in [0.0, 1.0]`."""
     parts = []
-    if "choices" in meta:
-        parts.append("one of " + "|".join(str(c) for c in meta["choices"]))
-    if "each_choices" in meta:
-        parts.append("each of " + "|".join(str(c) for c in meta["each_choices"]))
+    found = choices(key)
+    if found:
+        parts.append(("each of " if found[1] else "one of ") + "|".join(str(c) for c in found[0]))
     if "min" in meta and "max" in meta:
         parts.append(f"in {'(' if meta.get('exclusive_min') else '['}{meta['min']}, {meta['max']}]")
     elif "min" in meta:
@@ -41,6 +42,14 @@ def as_override(value: Any) -> str:
     return str(value)
 
 
+def kind(key: str) -> str:
+    """The type as a user writes values: a Literal's by its values' type (str, int), lists by their items'."""
+    t = key_type(key)
+    item = get_args(t)[0] if get_origin(t) is list else None
+    name = lambda x: type(get_args(x)[0]).__name__ if get_origin(x) is Literal else x.__name__  # noqa: E731
+    return f"list[{name(item)}]" if item is not None else name(t)
+
+
 def main(argv: list[str]) -> int:
     ArgParser(prog="longctx keys").parse_args(argv)
     # key and default on one line, help and allowed values indented below: a long default or help
@@ -51,9 +60,8 @@ def main(argv: list[str]) -> int:
         if section not in (None, key.split(".")[0]):
             print()
         section = key.split(".")[0]
-        kind = f.type[len("Optional["):-1] if f.type.startswith("Optional[") else f.type
-        print(textwrap.fill(f"{key} = {as_override(default_of(f))}  ({kind})", width, subsequent_indent=" " * 8))
-        rule = allowed(f.metadata)
+        print(textwrap.fill(f"{key} = {as_override(default_of(f))}  ({kind(key)})", width, subsequent_indent=" " * 8))
+        rule = allowed(key, f.metadata)
         for line in (f.metadata.get("help", ""), f"allowed: {rule}" if rule else ""):
             if line:
                 print(textwrap.fill(line, width, initial_indent=" " * 4, subsequent_indent=" " * 4))
