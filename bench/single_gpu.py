@@ -14,8 +14,12 @@ poison the next):
              cuDNN first for one document per row)
     qlora    longctx with the decoder layers' linears frozen in 4-bit NF4 (model.quantize=nf4, bitsandbytes),
              built a layer at a time on the GPU
+    hf-qlora plain Hugging Face QLoRA, as its documentation writes it: from_pretrained with a BitsAndBytesConfig
+             (NF4, double-quantised scales, bf16 compute), prepare_model_for_kbit_training (gradient
+             checkpointing), SDPA, the model's loss. Its random weights are saved once as a checkpoint to load
+             (HF_QLORA_WEIGHTS, default /tmp/longctx-bench-llama-3.1-8b: 16 GB)
 
-Weights are random (built directly on the GPU in bf16); adapters are bf16 in every stack.
+Weights are random (built directly on the GPU in bf16, but for hf-qlora); adapters are bf16 in every stack.
 A step is forward + backward + AdamW on the adapters. Model TFLOP/s counts 3x the forward
 FLOPs (linear layers, lm_head and causal attention), recompute not counted, for every stack.
 
@@ -48,7 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "longctx" / "assets" / "llama-3.1-8b"
 RECIPE = ROOT / "recipes" / "llama3-8b-lora-1gpu.yaml"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-STACKS = ("hf", "ds", "ds-cpu", "longctx", "qlora")
+STACKS = ("hf", "ds", "ds-cpu", "longctx", "qlora", "hf-qlora")
+HF_STACKS = ("hf", "hf-qlora")  # the model's own loss, Hugging Face gradient checkpointing
 OURS = ("longctx", "qlora")
 TILE_TOKENS = 4096  # DeepSpeed's recommendation for TiledMLP shards (one hidden size) and our loss chunk
 WARMUP_TOKENS = 1024
@@ -114,6 +119,24 @@ def model_flops(config, tokens: int) -> float:
     return 3 * tokens * (2 * linear + attention)
 
 
+def hf_qlora_model(config):
+    """The 8B in 4 bits the way a Hugging Face user loads it: random bf16 weights saved once as a checkpoint, then
+    from_pretrained with bitsandbytes' NF4 and peft's k-bit preparation."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    weights = Path(os.environ.get("HF_QLORA_WEIGHTS", "/tmp/longctx-bench-llama-3.1-8b"))
+    if not (weights / "config.json").is_file():
+        AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(weights)
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(weights, quantization_config=nf4, dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa", device_map={"": 0})
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                           gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def build(stack: str, seq_len: int, overrides: list[str], layout=None):
     """The LoRA model of one stack, its optimizer, and what was patched (for the record). `layout`: our stacks'
     checkpointing layout (None: the planner's for this GPU)."""
@@ -128,6 +151,8 @@ def build(stack: str, seq_len: int, overrides: list[str], layout=None):
 
         model = build_nf4_model(config, torch.bfloat16, torch.device("cuda"), None)
         overrides = ["model.quantize=nf4", *overrides]
+    elif stack == "hf-qlora":
+        model = hf_qlora_model(config)
     else:
         with torch.device("cuda"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
@@ -157,7 +182,7 @@ def build(stack: str, seq_len: int, overrides: list[str], layout=None):
     if stack in OURS:
         model.get_base_model().disable_input_require_grads()  # as longctx.model.add_lora does
     model.train()
-    if stack in ("hf", "ds", "ds-cpu"):
+    if stack in ("hf", "ds", "ds-cpu"):  # hf-qlora: prepare_model_for_kbit_training did
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if stack in ("ds", "ds-cpu"):
         from longctx.tiled_mlp import apply_tiled_mlp
@@ -178,11 +203,11 @@ def train_step(stack: str, model, optimizer, ids) -> float:
     labels = torch.roll(ids, -1, dims=1)  # pre-shifted: position t predicts token t+1
     labels[:, -1] = -100
     positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
-    attention = contextlib.nullcontext() if stack in ("hf", *OURS) else sdpa_kernel(
+    attention = contextlib.nullcontext() if stack in (*HF_STACKS, *OURS) else sdpa_kernel(
         [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION], set_priority=True)
     offload = torch.autograd.graph.save_on_cpu(pin_memory=True) if stack == "ds-cpu" else contextlib.nullcontext()
     with attention, offload:
-        if stack == "hf":
+        if stack in HF_STACKS:
             loss = model(input_ids=ids, position_ids=positions, labels=ids).loss
         elif stack in OURS:
             from longctx.loss import causal_lm_loss
