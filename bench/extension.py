@@ -148,19 +148,16 @@ def main(argv: list[str]) -> int:
             rope = [] if method == "none" else [f"rope.method={method}", f"rope.factor={factor:g}"]
             record(f"{method}", {"method": method, "steps": 0, **evaluate(method, args.model, rope, args, out)})
     failed = None
-    if args.stage in ("train", "all"):
-        for method in [m for m in args.methods if m in TRAIN_METHODS]:
-            for steps in args.steps:
-                try:
-                    model_dir, cost = train(method, steps, args, out / "runs")
-                except subprocess.CalledProcessError as e:
-                    failed = f"the training run {run_name(method, args)} to {steps} steps exited {e.returncode} " \
-                             f"(its log is above)" + (f"; the rows before it are in {results}" if rows else "")
-                    break
-                label = f"{run_name(method, args)}+{steps}"
-                record(label, {"method": method, "steps": steps, **cost, **evaluate(label, model_dir, [], args, out)})
-            if failed:
-                break
+    trained = [(m, n) for m in args.methods if m in TRAIN_METHODS for n in args.steps] if args.stage != "base" else []
+    for method, steps in trained:
+        try:
+            model_dir, cost = train(method, steps, args, out / "runs")
+        except subprocess.CalledProcessError as e:
+            failed = f"the training run {run_name(method, args)} to {steps} steps exited {e.returncode} " \
+                     f"(its log is above)" + (f"; the rows before it are in {results}" if rows else "")
+            break
+        label = f"{run_name(method, args)}+{steps}"
+        record(label, {"method": method, "steps": steps, **cost, **evaluate(label, model_dir, [], args, out)})
     series = {label: ([int(n) for n, v in r["ppl"].items() if v], [v for v in r["ppl"].values() if v])
               for label, r in rows.items()}
     plots.ppl_lines(series, f"{Path(args.model).name}: perplexity against length (held-out prose)",
