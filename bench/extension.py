@@ -111,14 +111,14 @@ def train(method: str, steps: int, args: argparse.Namespace, runs: Path) -> tupl
 
 def table(rows: dict, args: argparse.Namespace) -> str:
     head = ["row", "trained steps"] + [f"ppl {short(n)}" for n in args.ppl_lengths] + \
-           [f"passkey {short(n)}" for n in args.needle_lengths] + ["train min", "train tok/s"]
+           [f"passkey {short(n)}" for n in args.needle_lengths] + ["train min", "train tok/s", "device"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in rows.items():
         ppl = [f"{r['ppl'].get(str(n)):.2f}" if r["ppl"].get(str(n)) else "-" for n in args.ppl_lengths]
         key = [f"{100 * r['passkey'][str(n)]:.0f}%" if str(n) in r["passkey"] else "-" for n in args.needle_lengths]
         cost = f"{r['train_minutes']:.1f}" if "train_minutes" in r else "-"
         speed = f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else "-"
-        lines.append("| " + " | ".join([label, str(r["steps"])] + ppl + key + [cost, speed]) + " |")
+        lines.append("| " + " | ".join([label, str(r["steps"])] + ppl + key + [cost, speed, r["device"]]) + " |")
     return "\n".join(lines)
 
 
@@ -136,11 +136,12 @@ def main(argv: list[str]) -> int:
     results = out / "extension.json"
     rows = json.loads(results.read_text())["rows"] if results.exists() else {}
 
-    def record(label: str, row: dict) -> None:
-        rows[label] = row
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+    def record(label: str, row: dict) -> None:  # rows of one study may come from runs on different machines
+        rows[label] = {**row, "device": device, "date": time.strftime("%Y-%m-%d")}
         results.write_text(json.dumps({"model": args.model, "factor": factor, "seq_len": recipe.data.seq_len,
-                                       "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                                       "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))
+                                       "rows": rows}, indent=2))
         print(f"{label}: ppl {row['ppl']} passkey {row['passkey_mean']:.2f}", flush=True)
 
     if args.stage in ("base", "all"):

@@ -40,12 +40,14 @@ def test_rows_before_and_after_training_table_and_plots(tiny_model_dir, tmp_path
         assert set(row["ppl"]) == {"256", "512"} and all(v > 1 for v in row["ppl"].values()), label
         assert set(row["passkey"]) == {"256", "512"}, label
         assert (out / "needle" / label / "needle.png").is_file(), label
+        assert row["device"] == "cpu" and len(row["date"]) == 10, label
     # the second step count resumed the first run: one metrics line per step, tokens counted once
     assert (rows["yarn+1"]["tokens"], rows["yarn+2"]["tokens"]) == (512, 1024)
     steps = [json.loads(line)["step"] for line in (out / "runs" / "yarn" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
     table = (out / "extension.md").read_text().splitlines()
     assert [line.split(" | ")[0].lstrip("| ") for line in table[2:]] == list(rows)
+    assert all(line.endswith(" | cpu |") for line in table[2:])
     assert (out / "ppl.png").stat().st_size > 10_000
 
 
