@@ -212,19 +212,17 @@ def _auto(q, k, v, docs: Documents | None, scale: float) -> torch.Tensor:
 
 # S²-Attn groups of the plain and the shifted half, kept for the Documents object they were cut from (the same
 # object for every layer of a forward and its recompute, see `documents`): the host sync happens once.
-_s2_memo: tuple[Documents | None, tuple, tuple[Documents, Documents]] | None = None
+_s2_memo: tuple[Documents, tuple, tuple[Documents, Documents]] | None = None
 
 
-def _s2_groups(docs: Documents | None, batch: int, seq: int, group: int,
-               device: torch.device) -> tuple[Documents, Documents]:
+def _s2_groups(docs: Documents, batch: int, seq: int, group: int, device: torch.device) -> tuple[Documents, Documents]:
     """The groups the plain and the shifted half of the heads attend in, as documents (longctx/s2_attention.py)."""
     global _s2_memo
     shape = (batch, seq, group, device)
     if _s2_memo is not None and _s2_memo[0] is docs and _s2_memo[1] == shape:
         return _s2_memo[2]
     starts = torch.zeros(batch * seq, dtype=torch.bool, device=device)
-    first_tokens = docs.cu_seqlens[:-1].long() if docs is not None else torch.arange(0, batch * seq, seq, device=device)
-    starts[first_tokens] = True
+    starts[docs.cu_seqlens[:-1].long()] = True
     halves = tuple(documents_from_cu_seqlens(group_cuts(starts.view(batch, seq), group, shifted))
                    for shifted in (False, True))
     _s2_memo = (docs, shape, halves)
@@ -266,10 +264,15 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             docs = None  # one document per row needs no document mask
     run = _auto if backend == "auto" else BACKEND_FUNCTIONS[backend]
     if s2_group and module.training:
-        plain, shifted = _s2_groups(docs, q.shape[0], q.shape[1], s2_group, q.device)
+        if docs is None:  # one document per row: both halves' groups are equal, rows of their own (SDPA takes them)
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rolled: bool) -> torch.Tensor:
+                rows = (q.shape[0] * q.shape[1] // s2_group, s2_group)
+                return run(*(x.reshape(*rows, *x.shape[2:]) for x in (q, k, v)), None, scale).reshape(q.shape)
+        else:
+            plain, shifted = _s2_groups(docs, q.shape[0], q.shape[1], s2_group, q.device)
 
-        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rolled: bool) -> torch.Tensor:
-            return run(q, k, v, shifted if rolled else plain, scale)
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rolled: bool) -> torch.Tensor:
+                return run(q, k, v, shifted if rolled else plain, scale)
 
         return shifted_sparse_attention(q, k, v, s2_group, attend, head_range), None
     return run(q, k, v, docs, scale), None
