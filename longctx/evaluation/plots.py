@@ -37,9 +37,11 @@ def heatmap(scores: np.ndarray, lengths: list[int], depths: list[float], title: 
 
 def ppl_lines(series: dict[str, tuple[list[int], list[float]]], title: str, path: str) -> None:
     """One line per model or RoPE method; x = context length on a log scale, y log when lines are far apart."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (name, (xs, ys)), (marker, dash) in zip(series.items(), STYLES * len(series)):
-        ax.plot(xs, ys, marker=marker, linestyle=dash, label=name)
+    many = len(series) > 10  # past the default cycle's 10 colours, 20 and the legend beside the axes
+    fig, ax = plt.subplots(figsize=(9.5, 5) if many else (7, 4.5))
+    colours = plt.get_cmap("tab20" if many else "tab10").colors
+    for i, ((name, (xs, ys)), (marker, dash)) in enumerate(zip(series.items(), STYLES * len(series))):
+        ax.plot(xs, ys, marker=marker, linestyle=dash, color=colours[i % len(colours)], label=name)
     ax.set_xscale("log", base=2)
     xs = sorted({x for xs, _ in series.values() for x in xs})
     ax.set_xticks(xs, [short(x) for x in xs])
@@ -51,7 +53,7 @@ def ppl_lines(series: dict[str, tuple[list[int], list[float]]], title: str, path
     ax.set_ylabel("perplexity")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1)) if many else ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
