@@ -1,6 +1,6 @@
 """bench/extension.py, the study that makes BENCHMARKS.md's real-model table, end to end on the tiny model: rows
 without training, trained rows through `deepspeed launcher/run.py` (one CPU rank) resumed to a second step count,
-the table and the PNGs; and a training run that fails leaves the rows before it and one line of error."""
+the table and the PNGs; then a training run that fails leaves the rows before it and one line of error."""
 
 import json
 import os
@@ -28,7 +28,7 @@ def study(tiny_model_dir, tmp_path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env={**os.environ, **CPU_ENV}, capture_output=True, text=True, timeout=600)
 
 
-def test_rows_before_and_after_training_table_and_plots(tiny_model_dir, tmp_path):
+def test_rows_before_and_after_training_then_a_failed_run_keeps_them(tiny_model_dir, tmp_path):
     done = study(tiny_model_dir, tmp_path, "--stage", "all", "--methods", "yarn", "--steps", "1,2")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     out = tmp_path / "ext"
@@ -50,14 +50,12 @@ def test_rows_before_and_after_training_table_and_plots(tiny_model_dir, tmp_path
     assert all(line.endswith(" | cpu |") for line in table[2:])
     assert (out / "ppl.png").stat().st_size > 10_000
 
-
-def test_a_failed_training_run_keeps_the_rows_before_it(tiny_model_dir, tmp_path):
-    # preflight refuses the run (the model has 4 layers), after the study has validated the recipe
-    done = study(tiny_model_dir, tmp_path, "--stage", "all", "--methods", "yarn", "--steps", "1", "--label", "bad",
-                 "train.checkpointing=offload", "train.gpu_checkpoint_layers=9")
-    assert done.returncode == 1, done.stderr[-3000:]
-    results = tmp_path / "ext" / "extension.json"
-    assert done.stderr.strip().splitlines()[-1] == (
+    # preflight refuses the next run (the model has 4 layers), after the study has validated the recipe
+    failed = study(tiny_model_dir, tmp_path, "--stage", "train", "--methods", "yarn", "--steps", "1", "--label", "bad",
+                   "train.checkpointing=offload", "train.gpu_checkpoint_layers=9")
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    results = out / "extension.json"
+    assert failed.stderr.strip().splitlines()[-1] == (
         f"error: the training run yarn-bad to 1 steps exited 2 (its log is above); the rows before it are in {results}")
-    assert "Traceback" not in done.stderr
-    assert list(json.loads(results.read_text())["rows"]) == ["dynamic", "yarn"]
+    assert "Traceback" not in failed.stderr
+    assert json.loads(results.read_text())["rows"] == rows
