@@ -203,6 +203,7 @@ def train(run: ResolvedRun, topo: Topology, run_dir: Path, progress: Progress) -
         lr_scheduler=lr_schedule(recipe),
         mpu=topo.mpu(),
     )
+    engine.train()  # from_pretrained hands back a model in eval mode, where S²-Attn and dropout are off
     ckpt_root = run_dir / "checkpoints"
     start, tokens_seen, skipped = 0, 0, 0
     resume_from = run.resume_from

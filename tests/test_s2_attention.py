@@ -2,8 +2,11 @@
 gradients through every backend (Triton in its interpreter on CPU), with packed documents, GQA, the wrap-around
 at the sequence end, a Ulysses rank's share of heads, and a tiny Llama trained through patch_model."""
 
+import sys
+
 import pytest
 import torch
+from demo_runs import TINY, finish, launch, metrics
 from helpers import loss_and_grads, rel_err, tiny_llama
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
@@ -173,3 +176,16 @@ def test_recipe_keys_are_checked(tmp_path):
         with pytest.raises(ConfigError) as e:
             load_recipe(DEMO, [*overrides, out])
         assert str(e.value) == message
+
+
+def test_a_pretrained_model_trains_with_s2_attention(tiny_model_dir, tmp_path):
+    # from_pretrained hands back a model in eval mode, where S²-Attn (and dropout) stay off: a run that did not
+    # switch it to training would train with full attention, and its first loss would equal the full run's
+    runs = {pattern: launch([sys.executable, "launcher/run.py", "--config", DEMO, *TINY, f"model.path={tiny_model_dir}",
+                             "train.max_steps=1", "train.save_every=0", "train.export=false", "eval.at_end=[]",
+                             f"attention.train_pattern={pattern}", f"train.out_dir={tmp_path / pattern}"],
+                            tmp_path / f"{pattern}.log") for pattern in ("full", "s2")}
+    for pattern, proc in runs.items():
+        assert finish(proc) == 0, (tmp_path / f"{pattern}.log").read_text()[-3000:]
+    full, s2 = (metrics(tmp_path / pattern)[0]["loss"] for pattern in runs)
+    assert abs(full - s2) > 1e-6 * full, (full, s2)  # equal to the last bit when S²-Attn stays off
