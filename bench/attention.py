@@ -150,6 +150,13 @@ def warm_up(seconds: float = 3.0) -> None:
         torch.cuda.synchronize()
 
 
+def write_rows(path: str | None, rows: list[dict]) -> None:
+    """The rows as JSON with the device and torch they ran on (nothing without a path)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=2)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="8192,32768,131072")
@@ -164,9 +171,7 @@ def main() -> int:
     rows = packed_documents(mixed_lengths(args.packed)) + packed_documents(args.short_docs)
     for n in (int(x) for x in args.lengths.split(",")):
         rows += single_sequence(n)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=2)
+    write_rows(args.out, rows)
     return 0
 
 

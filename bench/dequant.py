@@ -4,7 +4,8 @@
 
 For each linear of one decoder layer of the model's shape: forward (y = x W^T) and the backward a frozen
 weight needs (dx = dy W), in bf16 against NF4, where bitsandbytes dequantises W in each pass. First a check:
-NF4's output and input gradient equal those of its dequantised weight in float32 (to bf16 rounding). Times are medians of triton.testing.do_bench.
+NF4's output and input gradient equal those of its dequantised weight in float32 (to bf16 rounding). Times
+are medians of triton.testing.do_bench.
 """
 
 from __future__ import annotations

@@ -6,14 +6,13 @@
 Two head shapes (SmolLM2-135M: 9 query / 3 kv heads of 64; Llama-3.1-8B: 32 / 8 of 128), bf16, 64K windows:
 one document, and three windows of passkey episodes with lengths drawn as the extension study's training data
 draws them (log-uniform from 1/32 of the window to twice it, clipped, the last one taking what is left; seeds
-1-3). S²-Attn in groups of a quarter of the window. Before timing, the plain half's outputs over the first group are checked equal to
-full attention's (a token there sees the same keys either way).
+1-3). S²-Attn in groups of a quarter of the window. Before timing, the plain half's outputs over the first
+group are checked equal to full attention's (a token there sees the same keys either way).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import sys
@@ -21,6 +20,7 @@ import sys
 import torch
 from triton.testing import do_bench
 
+from attention import warm_up, write_rows  # bench/attention.py, beside this script
 from longctx.attention import attention_forward
 
 SHAPES = {"smollm2-135m": (9, 3, 64), "llama-3.1-8b": (32, 8, 128)}
@@ -84,12 +84,11 @@ def main() -> int:
         return 2
     layouts = {"one document": [args.window],
                **{f"episodes, seed {seed}": episode_lengths(args.window, seed) for seed in (1, 2, 3)}}
+    warm_up()  # the first case would time slow on a cold GPU, and it is always a full-attention one
     print(f"{'shape':<14}{'layout':<22}{'docs':>5}{'backend':>8}{'full ms':>11}{'S² ms':>11}{'speedup':>10}")
     rows = [measure(shape, layout, lengths, args.window // 4, backend) for shape in SHAPES
             for layout, lengths in layouts.items() for backend in args.backends.split(",")]
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=2)
+    write_rows(args.out, rows)
     return 0
 
 

@@ -61,8 +61,8 @@ class ModelSection:
                                "weights; given on the command line, it replaces the recipe's model.path")
     tokenizer: Optional[str] = _f(None, "tokenizer directory; default: model.path or model.config")
     dtype: Dtype = _f("auto", "training dtype of weights and activations; auto = bf16 on GPU, fp32 on CPU")
-    quantize: Quantize = _f("none", "frozen base weights of the decoder layers' linears: none (model.dtype) or nf4 (4-bit "
-                       "NF4 with double-quantised scales, QLoRA; needs lora.enabled)")
+    quantize: Quantize = _f("none", "frozen base weights of the decoder layers' linears: none (model.dtype) or "
+                            "nf4 (4-bit NF4 with double-quantised scales, QLoRA; needs lora.enabled)")
     trust_remote_code: bool = _f(False, "run the Python code a model directory ships (its config's auto_map); "
                                  "a directory that needs it is refused unless true")
 
@@ -88,9 +88,10 @@ class RopeSection:
 @dataclass
 class AttentionSection:
     backend: AttentionBackend = _f("auto", "attention kernel; auto picks per device and batch")
-    train_pattern: TrainPattern = _f("full", "attention in training: full (causal over each document) or s2 (LongLoRA's "
-                            "shifted sparse attention: causal within groups of attention.s2_group tokens, half of the "
-                            "heads shifted by half a group); evaluation, generation and export always use full attention")
+    train_pattern: TrainPattern = _f("full", "attention in training: full (causal over each document) or s2 "
+                                     "(LongLoRA's shifted sparse attention: causal within groups of attention.s2_group "
+                                     "tokens, half of the heads shifted by half a group); evaluation, generation and "
+                                     "export always use full attention")
     s2_group: int = _f(0, "train_pattern=s2: tokens per group, an even divisor of data.seq_len; 0 = a quarter of "
                        "data.seq_len (the paper's choice)", min=0)
 
@@ -104,7 +105,7 @@ class DataSection:
     max_documents: Optional[int] = _f(None, "use at most this many documents (embedded corpus: module files or "
                                       "packages; the passkey episodes come on top)", min=1)
     corpus_unit: CorpusUnit = _f("files", "embedded corpus: one document per standard-library module file, or per "
-                          "package (its files joined: documents of 10K to 5M tokens, for long targets)")
+                                 "package (its files joined: documents of 10K to 5M tokens, for long targets)")
     passkey_documents: int = _f(64, "embedded corpus: at least this many passkey episodes (the passkey "
                                 "evaluation's prompt over training text, loss on the key only), in windows of "
                                 "their own", min=0)
@@ -129,16 +130,17 @@ class TrainSection:
     grad_accum: int = _f(1, "micro-batches per optimizer step", min=1)
     grad_clip: float = _f(1.0, "gradient norm clip; 0 = off", min=0.0)
     loss_chunk_tokens: int = _f(4096, "tokens per chunk of the output projection + loss", min=1)
-    checkpointing: Checkpointing = _f("auto", "activation checkpointing per decoder layer: none, full (inputs on the GPU), "
-                            "offload (inputs in pinned host memory), auto (the planner fits inputs on the GPU or "
-                            "host, and leaves top layers unchecked when memory allows)")
+    checkpointing: Checkpointing = _f("auto", "activation checkpointing per decoder layer: none, full (inputs on the "
+                                      "GPU), offload (inputs in pinned host memory), auto (the planner fits inputs on "
+                                      "the GPU or host, and leaves top layers unchecked when memory allows)")
     gpu_checkpoint_layers: int = _f(0, "checkpointing=offload: how many top layers keep their inputs on the GPU",
                                     min=0)
     tiled_mlp: TiledMlp = _f("auto", "apply the MLP over sequence tiles (auto: from 32K tokens per rank)")
     mlp_tile_tokens: int = _f(4096, "tokens per MLP tile", min=1)
     export: bool = _f(True, "write <out_dir>/hf (merged) and <out_dir>/adapter at the end")
-    on_nonfinite: OnNonfinite = _f("stop", "a step whose loss or gradients are NaN/Inf: stop (exit with a line naming "
-                           "the step; the last checkpoint stays the newest) or skip (no update, counted in metrics)")
+    on_nonfinite: OnNonfinite = _f("stop", "a step whose loss or gradients are NaN/Inf: stop (exit with a line "
+                                   "naming the step; the last checkpoint stays the newest) or skip (no update, "
+                                   "counted in metrics)")
     tensorboard: bool = _f(False, "also log loss, lr and tokens/s through DeepSpeed's TensorBoard monitor into "
                            "<out_dir>/tensorboard")
 
@@ -151,7 +153,8 @@ class ParallelSection:
     sp: int = _f(1, "sequence-parallel degree (ranks that share one sequence)", min=1)
     timeout_s: int = _f(1800, "seconds a rank waits for the others in a collective (a dead or hung rank ends "
                         "the job after this); covers rank 0 tokenising the data and writing a checkpoint", min=1)
-    auto: list[PlannerChoice] = _f([], "settings the memory planner chooses at launch (cheapest that fits data.seq_len)")
+    auto: list[PlannerChoice] = _f([], "settings the memory planner chooses at launch (cheapest that fits "
+                                   "data.seq_len)")
 
 
 @dataclass

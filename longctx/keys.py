@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import shutil
 import textwrap
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 from longctx.cli import ArgParser
-from typing import Literal, get_args, get_origin
-
 from longctx.config import choices, default_of, key_type, schema
 
 

@@ -55,8 +55,8 @@ def reference(q, k, v, positions):
 HEAD_LAYOUTS = [(4, 4), (4, 2), (8, 2), (4, 1), (6, 3), (9, 3)]
 # packed rows attend in groups cut as documents, rows of one document in equal groups reshaped into rows: the
 # interpreted kernel (the slow one) runs the second path for one head layout only
-CASES = [(backend, heads, kv_heads, layout) for backend in ("triton", "sdpa", "eager") for heads, kv_heads in HEAD_LAYOUTS
-         for layout in ("packed", "one-document-per-row")
+CASES = [(backend, heads, kv_heads, layout) for backend in ("triton", "sdpa", "eager")
+         for heads, kv_heads in HEAD_LAYOUTS for layout in ("packed", "one-document-per-row")
          if backend != "triton" or CUDA or layout == "packed" or (heads, kv_heads) == (4, 2)]
 
 
