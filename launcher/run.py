@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         format=f"[rank{rank}] %(asctime)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from longctx.data import build_shared
+    from longctx.model import load_tokenizer
     from longctx.progress import Progress, collective_failure
     from longctx.topology import init_topology
     from longctx.train import RunStopped, train
@@ -172,13 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     topo = init_topology(recipe.parallel.sp, recipe.parallel.timeout_s)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    progress = Progress(run_dir, rank)
-    try:
-        summary = train(run, topo, run_dir, progress)
-    except ConfigError as e:  # a rule only the loaded data can check (e.g. too few tokens for one window)
+    tokenizer = load_tokenizer(recipe)
+    try:  # the one rule only the tokenised data can check: enough tokens for one window
+        packed = build_shared(recipe.data, tokenizer, recipe.train.seed, str(run_dir / "data"), rank)
+    except ConfigError as e:
         if rank == 0 and created:  # a refused run leaves nothing behind
             shutil.rmtree(run_dir, ignore_errors=True)
         return refuse(e)
+    progress = Progress(run_dir, rank)
+    try:
+        summary = train(run, topo, run_dir, progress, tokenizer, packed)
     except RunStopped as e:  # an OOM or a full disk may hit one rank only: each rank it hits says it
         return stopped(str(e) if rank == 0 or not e.shared else None)
     except RuntimeError as e:

@@ -244,6 +244,24 @@ def build_packed(section: DataSection, tokenizer: PreTrainedTokenizerBase, seed:
     return packed
 
 
+def build_shared(section: DataSection, tokenizer: PreTrainedTokenizerBase, seed: int, cache_dir: str,
+                 rank: int) -> Packed:
+    """Rank 0 tokenises and packs into `cache_dir`; the other ranks then read that cache. A data error on
+    rank 0 (say, too few tokens for one window) reaches every rank, so all stop with it."""
+    import torch.distributed as dist
+
+    error, packed = [None], None
+    if rank == 0:
+        try:
+            packed = build_packed(section, tokenizer, seed, cache_dir)
+        except ConfigError as e:
+            error = [str(e)]
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise ConfigError(error[0])
+    return packed if packed is not None else build_packed(section, tokenizer, seed, cache_dir)
+
+
 class WindowSampler:
     """Which window each (step, micro-batch, rank) reads: a pure function of the step.
 

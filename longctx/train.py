@@ -25,12 +25,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from longctx import checkpoint, export, sequence_parallel
-from longctx.config import ConfigError, Recipe, to_yaml
+from longctx.config import Recipe, to_yaml
 from longctx.curves import log_step, plot_curves
-from longctx.data import IGNORE_INDEX, Packed, WindowSampler, build_packed
+from longctx.data import IGNORE_INDEX, Packed, WindowSampler
 from longctx.fault_injection import inject
 from longctx.loss import causal_lm_loss
-from longctx.model import load_model, load_tokenizer
+from longctx.model import load_model
 from longctx.progress import Progress
 from longctx.resolved_run import ResolvedRun
 from longctx.topology import Topology
@@ -162,30 +162,11 @@ class Metrics:
                 f.write(json.dumps(row) + "\n")
 
 
-def build_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, topo: Topology, run_dir: Path) -> Packed:
-    """Rank 0 tokenises and packs into the run's cache; the other ranks read that cache. A data error on
-    rank 0 (say, too few tokens for one window) reaches every rank, so all stop with it."""
-    cache = run_dir / "data"
-    error = [None]
-    if topo.rank == 0:
-        try:
-            packed = build_packed(recipe.data, tokenizer, recipe.train.seed, str(cache))
-        except ConfigError as e:
-            error = [str(e)]
-    dist.broadcast_object_list(error, src=0)
-    if error[0] is not None:
-        raise ConfigError(error[0])
-    if topo.rank != 0:
-        packed = build_packed(recipe.data, tokenizer, recipe.train.seed, str(cache))
-    return packed
-
-
-def train(run: ResolvedRun, topo: Topology, run_dir: Path, progress: Progress) -> dict:
+def train(run: ResolvedRun, topo: Topology, run_dir: Path, progress: Progress,
+          tokenizer: PreTrainedTokenizerBase, packed: Packed) -> dict:
     recipe, ds_config = run.recipe, run.ds_config
     t, device = recipe.train, topo.device
     is_main = topo.rank == 0
-    tokenizer = load_tokenizer(recipe)
-    packed = build_data(recipe, tokenizer, topo, run_dir)
     model, record = load_model(recipe, device, run.layout, ds_config, topo.sp_group if topo.sp_size > 1 else None)
     if is_main:
         (run_dir / "recipe.yaml").write_text(to_yaml(recipe))
