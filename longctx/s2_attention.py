@@ -70,14 +70,18 @@ def shifted_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     heads = q.shape[2]
     first, total = head_range or (0, heads)
     plain = min(max(total // 2 - first, 0), heads)  # this rank's heads below the model's middle
-    unshifted, shifted = split_heads(q, k, v, plain)
     half = group // 2
-    outs = []
-    if plain:
-        outs.append(attend(*unshifted, False))
-    if plain < heads:
-        outs.append(attend(*(x.roll(-half, 1) for x in shifted), True).roll(half, 1))
-    return torch.cat(outs, 2)
+    if plain == heads:
+        return attend(q, k, v, False)
+    if plain == 0:
+        return attend(q.roll(-half, 1), k.roll(-half, 1), v.roll(-half, 1), True).roll(half, 1)
+    # the halves attend as views of one tensor per input, the shifted heads rolled into it: the kernels save
+    # those views, so q, k and v are kept once, as full attention keeps them (views of the inputs would keep
+    # the inputs whole, beside a rolled copy of their second half)
+    (q, k, v), (sq, sk, sv) = split_heads(q, k, v, plain)
+    joined = [torch.cat([a, b.roll(-half, 1)], 2) for a, b in ((q, sq), (k, sk), (v, sv))]
+    (q, k, v), (sq, sk, sv) = split_heads(*joined, plain)  # the kv heads are already repeated: views only
+    return torch.cat([attend(q, k, v, False), attend(sq, sk, sv, True).roll(half, 1)], 2)
 
 
 def reference_s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, group: int,

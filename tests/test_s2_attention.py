@@ -75,6 +75,31 @@ def test_values_and_gradients_equal_the_paper_definition(backend, heads, kv_head
         assert rel_err(ours, theirs) < TOL, (name, rel_err(ours, theirs))
 
 
+def saved_bytes(s2: int, heads: int, kv_heads: int, backend: str) -> int:
+    """Bytes of the distinct storages autograd keeps for backward through one attention call on a row of one
+    document, in the model's setting: q, k and v come out of an op that does not keep them (RoPE needs only its
+    angles)."""
+    q, k, v = (x[:1] * 1 for x in qkv(heads, kv_heads, seq=64))
+    storages = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        attention_forward(training_module(), q, k, v, None, position_ids=torch.arange(64)[None].to(DEVICE),
+                          backend=backend, s2_group=s2)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (4, 4)])
+def test_s2_keeps_q_k_v_and_the_output_once(heads, kv_heads):
+    # the halves attend as views of one tensor per input (the shifted heads rolled in): the inputs themselves
+    # are not kept beside a rolled copy of their second half; per-group log-sum-exps are the only difference
+    full, s2 = saved_bytes(0, heads, kv_heads, "sdpa"), saved_bytes(16, heads, kv_heads, "sdpa")
+    assert full <= s2 <= 1.05 * full, (full, s2)
+
+
 def visible_keys(out: torch.Tensor, v: torch.Tensor, row: int, token: int, head: int) -> list[int]:
     """The tokens whose values reach the output of (row, token, head)."""
     (grad,) = torch.autograd.grad(out[row, token, head].sum(), v, retain_graph=True)
