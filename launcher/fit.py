@@ -81,9 +81,7 @@ def from_recipe(recipe: Recipe, on_gpu: bool = True) -> tuple[ModelShape, Featur
         (2 * shape.layers + 1) * shape.hidden if lora.train_norms else 0)
     t = recipe.train
     group = s2_group(recipe) if recipe.attention.train_pattern == "s2" else 0
-    # S²-Attn hands the backend many groups per row, which auto runs as packed documents: in our kernel
-    backend = recipe.attention.backend
-    attention = "flash" if group and backend == "auto" else ATTENTION_OF_BACKEND[backend]
+    attention = ATTENTION_OF_BACKEND[recipe.attention.backend]  # auto: a row of one document, S²'s groups too
     f = Features(act_bytes=2 if dtype == "bf16" else 4, lora_r=lora.r if lora.enabled else None,
                  lora_targets=tuple(lora.targets), extra_trainable=extra if lora.enabled else 0,
                  attention=attention, attention_group=group, loss="chunked",

@@ -24,6 +24,7 @@ from typing import Optional
 
 from longctx.activation_checkpointing import PROCESS_HOST_BYTES, Layout, choose_layout, layout_for
 from longctx.config import LORA_TARGETS_ALL, check_offload
+from longctx.s2_attention import kv_repeat
 from longctx.launcher.dsconfig import template
 from longctx.sequence_parallel import check_layout
 
@@ -276,8 +277,10 @@ def saved_halves(shape: ModelShape, f: Features) -> tuple[int, int]:
     norm = _norm_input(f, h) + b * h + trained
     # q and k after RoPE, v, the kernel's output (o_proj's input is a view of it), its logsumexp
     attention = b * d * (2 * shape.heads + 2 * shape.kv_heads) + 4 * shape.heads
-    if f.attention_group:  # S²-Attn: o_proj reads the two halves' outputs joined (one rolled back) in a copy
-        attention += b * d * shape.heads
+    if f.attention_group:  # S²-Attn: o_proj reads the two halves' outputs joined (one rolled back) in a copy, and
+        # a kv head serving query heads of both halves makes every kv head repeated
+        repeat = kv_repeat(shape.heads, shape.kv_heads, shape.heads // 2)
+        attention += b * d * (shape.heads + 2 * shape.kv_heads * (repeat - 1))
     # SwiGLU: gate (SiLU's input), SiLU's output, up, and their product (down_proj's input); a tiled
     # MLP keeps only its input (the norm's output) and recomputes the rest, adapters included
     mlp = 0 if f.mlp_tile_tokens else 4 * b * shape.intermediate
@@ -322,10 +325,11 @@ def quadratic_saved(shape: ModelShape, f: Features, seq_len: int, sp: int) -> in
 
 def attention_workspace(shape: ModelShape, f: Features) -> int:
     """Bytes per token the attention kernel's backward allocates for itself."""
-    hd = shape.heads * shape.head_dim
+    heads = shape.heads - shape.heads // 2 if f.attention_group else shape.heads  # S²: one call per half of the heads
+    hd = heads * shape.head_dim
     # ours: the row sums of dO * O; SDPA's flash backend: an fp32 dq accumulator; cuDNN: one block of
     # 8 bytes per query element plus its own row sums (measured on an H200 at 32 query / 8 kv heads)
-    return {"flash": 4 * shape.heads, "sdpa-flash": 4 * hd, "cudnn": 8 * hd + 4 * shape.heads}.get(f.attention, 0)
+    return {"flash": 4 * heads, "sdpa-flash": 4 * hd, "cudnn": 8 * hd + 4 * heads}.get(f.attention, 0)
 
 
 def backward_working_sets(shape: ModelShape, f: Features, tokens: int, sp: int) -> tuple[int, int]:

@@ -46,11 +46,18 @@ def group_cuts(starts: torch.Tensor, group: int, shifted: bool) -> torch.Tensor:
     return torch.cat([begin, begin.new_tensor([cuts.numel()])]).to(torch.int32)
 
 
+def kv_repeat(heads: int, kv_heads: int, plain: int) -> int:
+    """How many copies of each kv head the halves need, the first `plain` query heads being one half: 1 unless a kv
+    head serves query heads of both halves (then every kv head is repeated, so that each half keeps one kv head per
+    equal number of its query heads)."""
+    per_kv = heads // kv_heads
+    return per_kv // math.gcd(per_kv, plain)
+
+
 def split_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plain: int) -> tuple[tuple, tuple]:
     """((q, k, v) of heads [:plain], (q, k, v) of heads [plain:]) for q (batch, seq, heads, dim), k/v (batch, seq,
     kv_heads, dim): each part with the kv heads its queries read."""
-    per_kv = q.shape[2] // k.shape[2]
-    repeat = per_kv // math.gcd(per_kv, plain)  # > 1 only when a kv head serves both parts
+    repeat = kv_repeat(q.shape[2], k.shape[2], plain)
     if repeat > 1:
         k, v = k.repeat_interleave(repeat, 2), v.repeat_interleave(repeat, 2)
     kv_plain = plain * k.shape[2] // q.shape[2]

@@ -14,8 +14,8 @@ import torch
 from longctx.activation_checkpointing import Layout
 from longctx.config import LORA_TARGETS_ALL, PLANNER_CHOICES, ConfigError, load_recipe
 from longctx.launcher.fit import candidates, choose, from_recipe, longest_fitting, refusal, resolve_auto
-from longctx.launcher.memory_model import (GiB, Cluster, Features, ModelShape, Settings, estimate, loss_working_set,
-                                           model_states, saved_per_token)
+from longctx.launcher.memory_model import (GiB, Cluster, Features, ModelShape, Settings, attention_workspace, estimate,
+                                           loss_working_set, model_states, saved_per_token)
 from longctx.launcher.plan import main, parse_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,9 +104,22 @@ def test_s2_attention_scores_and_masks_span_one_group():
     s2 = estimate(LLAMA_8B, Features(attention_group=group), Settings(), ONE_H100, n, plain)
     extra = {k: s2.gpu[k] - flash.gpu[k] for k in flash.gpu if s2.gpu[k] != flash.gpu[k]}
     assert extra == {"not-checkpointed layers": LLAMA_8B.layers * n * LLAMA_8B.heads * LLAMA_8B.head_dim * 2}
-    # a recipe: groups of a quarter of the sequence by default, run by auto in our kernel (not cuDNN)
+    # a recipe: groups of a quarter of the sequence by default; auto runs a row of one document's groups as rows of
+    # their own through SDPA, whose cuDNN backward workspace then covers one half of the heads at a time
     _, f, _ = from_recipe(load_recipe(RECIPE, ["attention.train_pattern=s2", f"data.seq_len={n}"]))
-    assert (f.attention, f.attention_group) == ("flash", n // 4)
+    assert (f.attention, f.attention_group) == ("cudnn", n // 4)
+    cudnn = replace(Features(attention="cudnn"), attention_group=group)
+    assert attention_workspace(LLAMA_8B, cudnn) * 2 == attention_workspace(LLAMA_8B, Features(attention="cudnn"))
+
+
+def test_s2_counts_the_output_copy_and_the_kv_heads_it_repeats():
+    # per token and layer in bf16: one more output (heads x dim); Llama-8B's 32 heads split 16 / 16 over 8 kv heads
+    # of 4, so no kv head serves both halves. SmolLM2's 9 split 4 / 5 over 3 kv heads of 3: kv head 1 serves both,
+    # so all three are repeated 3x (tests/test_s2_attention.py holds the code to what is kept)
+    smollm2 = ModelShape(hidden=576, layers=30, heads=9, kv_heads=3, head_dim=64, intermediate=1536, vocab=49152)
+    for shape, repeated_kv in ((LLAMA_8B, 0), (smollm2, 2 * 3 * 2)):
+        extra = saved_per_token(shape, Features(attention_group=1024)) - saved_per_token(shape, Features())
+        assert extra == 2 * shape.head_dim * (shape.heads + repeated_kv)
 
 
 def test_plain_hf_anchor_16k_fits_near_47_gib_and_32k_does_not():
