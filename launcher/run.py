@@ -175,15 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(recipe)
-    try:  # the one rule only the tokenised data can check: enough tokens for one window
+    progress = Progress(run_dir, rank)
+    try:
+        # the two rules only a started run can check: the data fills a window (once tokenised), and the checkpoint
+        # to resume is whole (its checksums are read as it loads)
         packed = build_shared(recipe.data, tokenizer, recipe.train.seed, str(run_dir / "data"), rank)
+        summary = train(run, topo, run_dir, progress, tokenizer, packed)
     except ConfigError as e:
         if rank == 0 and created:  # a refused run leaves nothing behind
             shutil.rmtree(run_dir, ignore_errors=True)
         return refuse(e)
-    progress = Progress(run_dir, rank)
-    try:
-        summary = train(run, topo, run_dir, progress, tokenizer, packed)
     except RunStopped as e:  # an OOM or a full disk may hit one rank only: each rank it hits says it
         return stopped(str(e) if rank == 0 or not e.shared else None)
     except RuntimeError as e:
