@@ -54,15 +54,9 @@ def kv_repeat(heads: int, kv_heads: int, plain: int) -> int:
     return per_kv // math.gcd(per_kv, plain)
 
 
-def split_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plain: int) -> tuple[tuple, tuple]:
-    """((q, k, v) of heads [:plain], (q, k, v) of heads [plain:]) for q (batch, seq, heads, dim), k/v (batch, seq,
-    kv_heads, dim): each part with the kv heads its queries read."""
-    repeat = kv_repeat(q.shape[2], k.shape[2], plain)
-    if repeat > 1:
-        k, v = k.repeat_interleave(repeat, 2), v.repeat_interleave(repeat, 2)
-    kv_plain = plain * k.shape[2] // q.shape[2]
-    return ((q[:, :, :plain], k[:, :, :kv_plain], v[:, :, :kv_plain]),
-            (q[:, :, plain:], k[:, :, kv_plain:], v[:, :, kv_plain:]))
+def roll_from(x: torch.Tensor, first: int, by: int) -> torch.Tensor:
+    """x (batch, seq, heads, dim) in one new tensor, with heads [first:] rolled by `by` along the sequence."""
+    return torch.cat([x[:, :, :first], x[:, :, first:].roll(by, 1)], 2)
 
 
 def shifted_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int,
@@ -78,17 +72,20 @@ def shifted_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     first, total = head_range or (0, heads)
     plain = min(max(total // 2 - first, 0), heads)  # this rank's heads below the model's middle
     half = group // 2
-    if plain == heads:
-        return attend(q, k, v, False)
-    if plain == 0:
-        return attend(q.roll(-half, 1), k.roll(-half, 1), v.roll(-half, 1), True).roll(half, 1)
-    # the halves attend as views of one tensor per input, the shifted heads rolled into it: the kernels save
-    # those views, so q, k and v are kept once, as full attention keeps them (views of the inputs would keep
-    # the inputs whole, beside a rolled copy of their second half)
-    (q, k, v), (sq, sk, sv) = split_heads(q, k, v, plain)
-    joined = [torch.cat([a, b.roll(-half, 1)], 2) for a, b in ((q, sq), (k, sk), (v, sv))]
-    (q, k, v), (sq, sk, sv) = split_heads(*joined, plain)  # the kv heads are already repeated: views only
-    return torch.cat([attend(q, k, v, False), attend(sq, sk, sv, True).roll(half, 1)], 2)
+    repeat = kv_repeat(heads, k.shape[2], plain)
+    if repeat > 1:
+        k, v = k.repeat_interleave(repeat, 2), v.repeat_interleave(repeat, 2)
+    kv_plain = plain * k.shape[2] // heads
+    # one tensor per input with the shifted heads rolled in, each half attending as a view of it: the kernels keep
+    # those views, so q, k and v are kept once, as full attention keeps them (views of the inputs would keep the
+    # inputs whole, beside a rolled copy of their second half)
+    q, k, v = roll_from(q, plain, -half), roll_from(k, kv_plain, -half), roll_from(v, kv_plain, -half)
+    outs = []
+    if plain:
+        outs.append(attend(q[:, :, :plain], k[:, :, :kv_plain], v[:, :, :kv_plain], False))
+    if plain < heads:
+        outs.append(attend(q[:, :, plain:], k[:, :, kv_plain:], v[:, :, kv_plain:], True).roll(half, 1))
+    return torch.cat(outs, 2)
 
 
 def reference_s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, group: int,

@@ -75,7 +75,7 @@ def test_values_and_gradients_equal_the_paper_definition(backend, heads, kv_head
         assert rel_err(ours, theirs) < TOL, (name, rel_err(ours, theirs))
 
 
-def saved_bytes(s2: int, heads: int, kv_heads: int, backend: str) -> int:
+def saved_bytes(s2: int, heads: int, kv_heads: int) -> int:
     """Bytes of the distinct storages autograd keeps for backward through one attention call on a row of one
     document, in the model's setting: q, k and v come out of an op that does not keep them (RoPE needs only its
     angles)."""
@@ -88,7 +88,7 @@ def saved_bytes(s2: int, heads: int, kv_heads: int, backend: str) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         attention_forward(training_module(), q, k, v, None, position_ids=torch.arange(64)[None].to(DEVICE),
-                          backend=backend, s2_group=s2)
+                          backend="sdpa", s2_group=s2)
     return sum(storages.values())
 
 
@@ -98,7 +98,7 @@ def test_s2_keeps_q_k_v_and_the_output_once(heads, kv_heads):
     # are not kept beside a rolled copy of their second half. Beyond full attention's, S² keeps per-group
     # log-sum-exps and, where a kv head serves both halves (9 heads over 3), the repeated kv heads, as the
     # planner counts them
-    full, s2 = saved_bytes(0, heads, kv_heads, "sdpa"), saved_bytes(16, heads, kv_heads, "sdpa")
+    full, s2 = saved_bytes(0, heads, kv_heads), saved_bytes(16, heads, kv_heads)
     repeated = 2 * (kv_repeat(heads, kv_heads, heads // 2) - 1) * kv_heads * 64 * 16 * 4  # k and v, fp32
     assert full + repeated <= s2 <= 1.05 * (full + repeated), (full, repeated, s2)
 
