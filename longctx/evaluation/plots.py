@@ -53,7 +53,10 @@ def ppl_lines(series: dict[str, tuple[list[int], list[float]]], title: str, path
     ax.set_ylabel("perplexity")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1)) if many else ax.legend()
+    if many:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
+    else:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
