@@ -5,6 +5,10 @@ state and, only after every rank has finished, a COMPLETE marker and an atomical
 `latest` file. A crash mid-write leaves a tag without the marker, which resume skips. The
 marker records every file's size and CRC-32: a resume checks them and refuses, naming the file,
 a checkpoint whose bytes changed since (torch.load would read flipped tensor bytes silently).
+
+Frozen weights (a LoRA run's base model) are not written: the resumed run rebuilds them from the same
+model.path, or the same model.config and train.seed, which the checkpoint's identity holds it to. A 70B base
+in 4 bits is 37 GB a checkpoint that training never changes.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ IDENTITY = "identity.json"
 IDENTITY_KEYS = ("model.path", "model.config", "model.dtype", "model.quantize", "data.seq_len", "parallel.sp",
                  "parallel.zero_stage", "lora.enabled")
 LORA_KEYS = ("lora.r", "lora.targets", "lora.train_embeddings", "lora.train_norms")
+RANDOM_BASE_KEYS = ("train.seed",)  # a LoRA run's frozen base built from model.config comes from the seed
 
 
 def tag_for(step: int) -> str:
@@ -49,7 +54,8 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 def identity(recipe: Recipe, rope: dict) -> dict[str, Any]:
     """The recipe values (and the effective RoPE record) a resumed run must share with its checkpoint."""
-    keys = IDENTITY_KEYS + (LORA_KEYS if recipe.lora.enabled else ())
+    keys = IDENTITY_KEYS + (LORA_KEYS if recipe.lora.enabled else ()) + (
+        RANDOM_BASE_KEYS if recipe.lora.enabled and not recipe.model.path else ())
     values = {k: functools.reduce(getattr, k.split("."), recipe) for k in keys}
     for k in ("model.path", "model.config"):
         values[k] = values[k] and os.path.abspath(values[k])
@@ -176,7 +182,8 @@ def save(engine: DeepSpeedEngine, root: Path, step: int, client_state: dict, kee
         shutil.rmtree(root / tag)
     dist.barrier()
     try:
-        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=True)
         inject("checkpoint-states", step, rank)
         torch.save(_rng_state(), root / tag / f"rng-rank{rank}.pt")
         inject("checkpoint-rng", step, rank)
@@ -237,6 +244,17 @@ def _refusal(path: Path, problem: str, resume: str) -> ConfigError:
     return ConfigError(f"train.resume={resume}: checkpoint {path} does not load: {problem}{how}")
 
 
+def _load_trained(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
+    """Load a checkpoint's module states, which lack the frozen weights, and nothing else: a trained parameter
+    or buffer it lacks, or a key the model does not have, fails the load."""
+    frozen = {name for name, p in dst.named_parameters() if not p.requires_grad}
+    unknown = sorted(set(src) - set(dst.state_dict()))
+    missing = sorted(set(dst.load_state_dict(src, strict=False).missing_keys) - frozen)
+    if unknown or missing:
+        raise RuntimeError(f"module states {'lack ' + missing[0] if missing else 'hold unknown ' + unknown[0]}"
+                           f" ({len(missing) + len(unknown)} keys)")
+
+
 def load(engine: DeepSpeedEngine, path: Path, resume: str = "auto") -> dict:
     """Restore engine states and this rank's RNG; returns the client state saved with them. A checkpoint whose
     files are damaged is refused on every rank with the file named; never another one in its place."""
@@ -244,7 +262,7 @@ def load(engine: DeepSpeedEngine, path: Path, resume: str = "auto") -> dict:
     if bad:
         raise _refusal(path, bad[0], resume)
     try:
-        _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+        _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, custom_load_fn=_load_trained)
         _set_rng_state(torch.load(path / f"rng-rank{dist.get_rank()}.pt", weights_only=True))
     except Exception as e:  # a checkpoint without recorded checksums (older), read by DeepSpeed or torch
         raise _refusal(path, _first_line(e), resume) from None

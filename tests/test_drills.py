@@ -21,8 +21,9 @@ import pytest
 import torch
 from demo_runs import CPU_ENV, DEEPSPEED, ROOT, finish, free_port, launch, metrics, same_losses
 
-from longctx.checkpoint import MARKER, complete_checkpoints
+from longctx.checkpoint import MARKER, _load_trained, complete_checkpoints
 from longctx.config import ConfigError, load_recipe
+from longctx.model import load_model
 
 pytestmark = [pytest.mark.drill, pytest.mark.slow]
 
@@ -236,6 +237,32 @@ def test_a_damaged_checkpoint_is_named_and_the_previous_one_used_only_when_asked
     assert rc == 2, log[-3000:]
     line, = error_lines(log)
     assert f"does not load: {model} is cut short (1,000 of " in line, line
+
+
+def test_a_lora_checkpoint_holds_the_trained_weights_only_and_resumes_on_the_same_base_only(reference_alone,
+                                                                                           tmp_path):
+    """The frozen base is not written (a 70B base in 4 bits would be 37 GB a checkpoint): a resume rebuilds it
+    from the recipe, so the seed a random base was built with is part of the checkpoint's identity, and a load
+    that lacks a trained weight fails."""
+    ref_out, _ = reference_alone
+    saved = torch.load(ref_out / "checkpoints" / "step-0000006" / "mp_rank_00_model_states.pt",
+                       weights_only=False)["module"]
+    model, _ = load_model(load_recipe(DEMO, RUN), torch.device("cpu"))
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    # the engine's module is the loss wrapper, whose model is `lm`
+    assert set(saved) == {f"lm.{name}" for name in trained} and len(trained) < len(model.state_dict())
+
+    lacking = {k.removeprefix("lm."): v for k, v in saved.items() if k != f"lm.{min(trained)}"}
+    _load_trained({**lacking, min(trained): saved[f"lm.{min(trained)}"]}, model)
+    with pytest.raises(RuntimeError, match=rf"module states lack {re.escape(min(trained))} \(1 keys\)"):
+        _load_trained(lacking, model)
+
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out)
+    rc, log = run(out, "train.seed=1", "train.max_steps=8", ranks=1)
+    assert rc == 2, log[-3000:]
+    line, = error_lines(log)
+    assert "was written with train.seed=0, this run has train.seed=1;" in line, line
 
 
 # 7

@@ -116,12 +116,14 @@ def test_zero3_export_loads_in_vanilla_transformers_with_the_trained_logits(tmp_
     with torch.no_grad():
         logits = exported(ids).logits
 
-    # 1. DeepSpeed's own consolidation of the final ZeRO-3 checkpoint, loaded into the training model
+    # 1. DeepSpeed's own consolidation of the final ZeRO-3 checkpoint (what training changed; the frozen base is
+    # not written) loaded into the training model rebuilt from its recipe
     recipe = load_recipe(str(ROOT / "recipes/demo-cpu.yaml"), [*SMALL, f"train.out_dir={out}"])
     config, _ = scaled_config(recipe)
     trained = add_lora(build_model(recipe, config, torch.float32, torch.device("cpu")), recipe.lora)
     state = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step-0000003")
-    trained.load_state_dict({k.removeprefix("lm."): v for k, v in state.items()})
+    missing = trained.load_state_dict({k.removeprefix("lm."): v for k, v in state.items()}, strict=False).missing_keys
+    assert sorted(missing) == sorted(name for name, p in trained.named_parameters() if not p.requires_grad)
     # 2. the exported adapter on the same base
     base = build_model(recipe, config, torch.float32, torch.device("cpu"))
     adapted = PeftModel.from_pretrained(base, out / "adapter")
