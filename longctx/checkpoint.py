@@ -252,8 +252,9 @@ def _load_trained(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
     unknown = sorted(set(src) - set(dst.state_dict()))
     missing = sorted(set(dst.load_state_dict(src, strict=False).missing_keys) - frozen)
     if unknown or missing:
-        raise RuntimeError(f"module states {'lack ' + missing[0] if missing else 'hold unknown ' + unknown[0]}"
-                           f" ({len(missing) + len(unknown)} keys)")
+        first = f"lack {missing[0]}" if missing else f"hold {unknown[0]}, which the model does not have"
+        others = len(missing) + len(unknown) - 1
+        raise RuntimeError(f"module states {first}" + (f" (and {others} other keys)" if others else ""))
 
 
 def load(engine: DeepSpeedEngine, path: Path, resume: str = "auto") -> dict:
