@@ -66,7 +66,8 @@ def main(argv: list[str]) -> int:
         x = torch.randn(args.tokens, fan_in, device=device, dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn(args.tokens, fan_out, device=device, dtype=torch.bfloat16)
         # checked on the first rows: float32 copies of every row would not fit beside the 70B's MLP at 128K tokens
-        rows_checked, weight = min(args.tokens, CHECKED_ROWS), dequantize(nf4).float()
+        rows_checked = min(args.tokens, CHECKED_ROWS)
+        weight = dequantize(nf4).float()
         y_ref = x[:rows_checked].detach().float() @ weight.T
         dx_ref = dy[:rows_checked].float() @ weight
         y = nf4(x)

@@ -254,7 +254,7 @@ def _load_trained(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
     if unknown or missing:
         first = f"lack {missing[0]}" if missing else f"hold {unknown[0]}, which the model does not have"
         others = len(missing) + len(unknown) - 1
-        raise RuntimeError(f"module states {first}" + (f" (and {others} other keys)" if others else ""))
+        raise RuntimeError(f"module states {first}" + (f" (and {others} more)" if others else ""))
 
 
 def load(engine: DeepSpeedEngine, path: Path, resume: str = "auto") -> dict:
