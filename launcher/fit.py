@@ -11,7 +11,7 @@ from typing import Iterator, Optional
 from longctx.config import PLANNER_CHOICES, ConfigError, Recipe, s2_group
 from longctx.launcher.memory_model import GiB, Cluster, Estimate, Features, ModelShape, Settings, estimate
 from longctx.sequence_parallel import allowed_degrees
-from longctx.tiled_mlp import AUTO_MIN_TOKENS
+from longctx.tiled_mlp import auto_tile_from
 
 
 def longest_fitting(shape: ModelShape, f: Features, s: Settings, cluster: Cluster,
@@ -87,7 +87,7 @@ def from_recipe(recipe: Recipe, on_gpu: bool = True) -> tuple[ModelShape, Featur
                  attention=attention, attention_group=group, loss="chunked",
                  loss_chunk_tokens=t.loss_chunk_tokens, micro_batch=t.micro_batch_size,
                  mlp_tile_tokens=0 if t.tiled_mlp == "never" else t.mlp_tile_tokens,
-                 mlp_tile_from=AUTO_MIN_TOKENS if t.tiled_mlp == "auto" else 0,
+                 mlp_tile_from=auto_tile_from(shape.intermediate) if t.tiled_mlp == "auto" else 0,
                  norm="fused" if on_gpu else "torch", quantize=recipe.model.quantize)
     p = recipe.parallel
     return shape, f, Settings(p.zero_stage, p.offload_optimizer, p.offload_params, p.sp, t.checkpointing,

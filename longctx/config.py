@@ -135,7 +135,8 @@ class TrainSection:
                                       "the GPU or host, and leaves top layers unchecked when memory allows)")
     gpu_checkpoint_layers: int = _f(0, "checkpointing=offload: how many top layers keep their inputs on the GPU",
                                     min=0)
-    tiled_mlp: TiledMlp = _f("auto", "apply the MLP over sequence tiles (auto: from 32K tokens per rank)")
+    tiled_mlp: TiledMlp = _f("auto", "apply the MLP over sequence tiles (auto: once tokens per rank x MLP width "
+                                  "reach an 8B's at 32K tokens)")
     mlp_tile_tokens: int = _f(4096, "tokens per MLP tile", min=1)
     export: bool = _f(True, "write <out_dir>/hf (merged) and <out_dir>/adapter at the end")
     on_nonfinite: OnNonfinite = _f("stop", "a step whose loss or gradients are NaN/Inf: stop (exit with a line "

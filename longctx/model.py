@@ -171,7 +171,7 @@ def apply_memory_features(model: torch.nn.Module, recipe: Recipe, device: torch.
     t, config = recipe.train, model.config
     tokens = recipe.data.seq_len // recipe.parallel.sp  # per rank, between attention calls
     changes, undo = [], []
-    if use_tiled_mlp(t.tiled_mlp, tokens):
+    if use_tiled_mlp(t.tiled_mlp, tokens, config.intermediate_size):
         undo.append(apply_tiled_mlp(model, t.mlp_tile_tokens))
         changes.append(f"MLP: tiles of {t.mlp_tile_tokens} tokens")
     dtype = next(model.parameters()).dtype

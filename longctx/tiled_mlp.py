@@ -3,8 +3,8 @@
 A gated MLP's intermediate (tokens x intermediate_size, 3.5x the hidden size for Llama-3)
 is the largest activation of a layer at long sequences. `TiledMLP` runs the MLP tile by tile
 without grad in forward and recomputes each tile in backward, so only one tile's
-intermediate exists at a time. The price is one more MLP forward per step; below
-`AUTO_MIN_TOKENS` the memory saved is small and the recompute is not worth it.
+intermediate exists at a time. The price is one more MLP forward per step, and a few kernel launches per tile;
+below `AUTO_MIN_ELEMENTS` the memory saved is small and that price is not worth it.
 """
 
 from __future__ import annotations
@@ -17,16 +17,22 @@ import torch
 from longctx.activation_checkpointing import RngState
 from longctx.config import TILED_MLP
 
-# auto tiles from this sequence length: at 32K the untiled intermediates of one 8B layer
-# (gate, up, act, product and their gradients) take ~6 GiB, and grow linearly past it.
-AUTO_MIN_TOKENS = 32768
+# auto tiles once one intermediate (tokens x intermediate_size) is as large as an 8B layer's at 32K tokens: there
+# its untiled intermediates (gate, up, act, product and their gradients) take ~6 GiB, growing linearly past it. A
+# narrow MLP (SmolLM2's is 1,536 wide) saves little by tiling, and its tiles' launches bind the step to the host.
+AUTO_MIN_ELEMENTS = 32768 * 14336
 
 
-def use_tiled_mlp(setting: str, seq_len: int) -> bool:
-    """Whether `train.tiled_mlp` (auto | always | never) tiles at this sequence length."""
+def auto_tile_from(intermediate_size: int) -> int:
+    """Tokens per rank from which `train.tiled_mlp=auto` tiles an MLP of this width."""
+    return -(-AUTO_MIN_ELEMENTS // intermediate_size)
+
+
+def use_tiled_mlp(setting: str, tokens: int, intermediate_size: int) -> bool:
+    """Whether `train.tiled_mlp` (auto | always | never) tiles an MLP of this width at this many tokens per rank."""
     if setting not in TILED_MLP:
         raise ValueError(f"train.tiled_mlp={setting!r}: must be one of {'|'.join(TILED_MLP)}")
-    return setting == "always" or (setting == "auto" and seq_len >= AUTO_MIN_TOKENS)
+    return setting == "always" or (setting == "auto" and tokens >= auto_tile_from(intermediate_size))
 
 
 def _is_gated_mlp(module: torch.nn.Module) -> bool:

@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from longctx.activation_checkpointing import apply_checkpointing, layout_for
 from longctx.loss import causal_lm_loss
-from longctx.tiled_mlp import AUTO_MIN_TOKENS, apply_tiled_mlp, use_tiled_mlp
+from longctx.tiled_mlp import apply_tiled_mlp, use_tiled_mlp
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 tiny_llama = partial(helpers.tiny_llama, vocab_size=101, intermediate_size=160)
@@ -63,10 +63,13 @@ def test_tiled_mlp_inside_offloaded_checkpointing_equals_plain():
 
 
 def test_tiled_mlp_setting():
-    assert use_tiled_mlp("auto", AUTO_MIN_TOKENS) and not use_tiled_mlp("auto", AUTO_MIN_TOKENS - 1)
-    assert use_tiled_mlp("always", 8) and not use_tiled_mlp("never", 10**6)
+    llama8b, llama70b, smollm2 = 14336, 28672, 1536  # MLP widths
+    assert use_tiled_mlp("auto", 32768, llama8b) and not use_tiled_mlp("auto", 32767, llama8b)
+    assert use_tiled_mlp("auto", 16384, llama70b) and not use_tiled_mlp("auto", 16383, llama70b)
+    assert use_tiled_mlp("auto", 305835, smollm2) and not use_tiled_mlp("auto", 305834, smollm2)
+    assert use_tiled_mlp("always", 8, smollm2) and not use_tiled_mlp("never", 10**6, llama8b)
     with pytest.raises(ValueError, match="train.tiled_mlp='yes'"):
-        use_tiled_mlp("yes", 8)
+        use_tiled_mlp("yes", 8, llama8b)
     with pytest.raises(ValueError, match="mlp_tile_tokens=0"):
         apply_tiled_mlp(tiny_llama(), 0)
 
