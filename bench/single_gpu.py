@@ -19,7 +19,8 @@ poison the next):
              checkpointing), SDPA, the model's loss. Its random weights are saved once as a checkpoint to load
              (HF_QLORA_WEIGHTS, default /tmp/longctx-bench-llama-3.1-8b: 16 GB)
 
-Weights are random (built directly on the GPU in bf16, but for hf-qlora); adapters are bf16 in every stack.
+Weights are random, built directly on the GPU in bf16 (hf-qlora saves them from there once and loads them back);
+adapters are bf16 in every stack.
 A step is forward + backward + AdamW on the adapters. Model TFLOP/s counts 3x the forward
 FLOPs (linear layers, lm_head and causal attention), recompute not counted, for every stack.
 
@@ -127,8 +128,10 @@ def hf_qlora_model(config):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     weights = Path(os.environ.get("HF_QLORA_WEIGHTS", "/tmp/longctx-bench-llama-3.1-8b"))
-    if not (weights / "config.json").is_file():
-        AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(weights)
+    if not (weights / "config.json").is_file():  # initialised on the GPU: on the host it takes minutes
+        with torch.device("cuda"):
+            AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(weights)
+        torch.cuda.empty_cache()
     nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(weights, quantization_config=nf4, dtype=torch.bfloat16,
