@@ -29,9 +29,9 @@ FLOPs (linear layers, lm_head and causal attention), recompute not counted, for 
 --set KEY=VALUE passes a recipe override to the longctx stack, e.g. to force a layout:
     python bench/single_gpu.py --runs longctx:256k --set train.checkpointing=offload --set train.gpu_checkpoint_layers=2
 
---gpu-mem GIB caps every stack at that much GPU memory (torch.cuda.set_per_process_memory_fraction),
-so a larger GPU runs as a smaller one would: the planner plans for the cap, and a step that needs
-more runs out of memory. An H100 80GB has 79.18 GiB:
+--gpu-mem GIB caps every stack at that much GPU memory, or the whole GPU where it has less
+(torch.cuda.set_per_process_memory_fraction), so a larger GPU runs as a smaller one would: the planner plans
+for the cap, and a step that needs more runs out of memory. An H100 80GB has 79.18 GiB:
     python bench/single_gpu.py --runs longctx:16k,hf:16k --gpu-mem 79.18
 
 """
@@ -240,9 +240,10 @@ def child(stack: str, seq_len: int, steps: int, overrides: list[str], gpu_mem_gi
 
     watch = HostMemoryWatch()
     row = {"stack": stack, "seq_len": seq_len, "device": torch.cuda.get_device_name()}
-    if gpu_mem_gib is not None:
-        torch.cuda.set_per_process_memory_fraction(gpu_mem_gib * GiB / torch.cuda.get_device_properties(0).total_memory)
-        row["gpu_mem_cap_gib"] = gpu_mem_gib
+    if gpu_mem_gib is not None:  # at most the whole GPU: 79.18 is an H100's 79.179 GiB rounded up
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_mem_gib * GiB / total))
+        row["gpu_mem_cap_gib"] = round(min(gpu_mem_gib, total / GiB), 2)
     try:
         t0 = time.perf_counter()
         model, optimizer, config, record = build(stack, seq_len, overrides)
