@@ -128,7 +128,7 @@ def hf_qlora_model(config):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     weights = Path(os.environ.get("HF_QLORA_WEIGHTS", "/tmp/longctx-bench-llama-3.1-8b"))
-    if not (weights / "config.json").is_file():  # initialised on the GPU: on the host it takes minutes
+    if not (weights / "config.json").is_file():  # built on the GPU, as the other stacks' weights are
         with torch.device("cuda"):
             AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(weights)
         torch.cuda.empty_cache()
