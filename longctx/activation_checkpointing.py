@@ -130,15 +130,29 @@ def available_host_bytes() -> int:
     raise RuntimeError("/proc/meminfo has no MemAvailable line")
 
 
+def resident_host_bytes() -> int:
+    """This process's resident memory (VmRSS): already missing from MemAvailable."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmRSS line")
+
+
 def require_host_memory(need_bytes: int, available_bytes: Optional[int] = None,
-                        reserve_bytes: int = PROCESS_HOST_BYTES) -> None:
-    """Refuse at start, with the numbers, when offloaded activations would not fit in host memory."""
+                        resident_bytes: Optional[int] = None, reserve_bytes: int = PROCESS_HOST_BYTES) -> None:
+    """Refuse at start, with the numbers, when offloaded activations would not fit in host memory. As in the
+    planner, the process may use `reserve_bytes` beside them; what it holds already is out of MemAvailable, so
+    only the rest of that reserve is asked for (else a run the planner passed at launch is refused here)."""
     available = available_host_bytes() if available_bytes is None else available_bytes
-    if need_bytes + reserve_bytes > available:
+    resident = resident_host_bytes() if resident_bytes is None else resident_bytes
+    more = max(0, reserve_bytes - resident)
+    if need_bytes + more > available:
         raise HostMemoryError(
             f"train.checkpointing: offloaded layer inputs need {need_bytes / GiB:.1f} GiB of pinned host memory "
-            f"(+{reserve_bytes / GiB:.0f} GiB for the process), only {available / GiB:.1f} GiB available; "
-            "shorten data.seq_len, keep more layers on the GPU (train.gpu_checkpoint_layers), or use more GPUs (parallel.sp)")
+            f"(+{more / GiB:.1f} GiB for the process, which holds {resident / GiB:.1f}), only "
+            f"{available / GiB:.1f} GiB available; shorten data.seq_len, keep more layers on the GPU "
+            "(train.gpu_checkpoint_layers), or use more GPUs (parallel.sp)")
 
 
 class RngState:

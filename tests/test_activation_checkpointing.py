@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from longctx.activation_checkpointing import (HostMemoryError, Layout, apply_checkpointing, choose_layout,
-                                              decoder_layers, layout_for, require_host_memory)
+                                              decoder_layers, layout_for, require_host_memory,
+                                              resident_host_bytes)
 from longctx.loss import causal_lm_loss
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -213,6 +214,20 @@ def test_choose_layout_fills_the_budget_cheapest_first():
 
 def test_host_memory_is_checked_before_training():
     need = 3 * 2 * 2**20 * 64 * 2
-    require_host_memory(need, available_bytes=need + 9 * GiB)
-    with pytest.raises(HostMemoryError, match=r"need 0\.8 GiB of pinned host memory"):
-        require_host_memory(need, available_bytes=need + GiB)
+    require_host_memory(need, available_bytes=need + 9 * GiB, resident_bytes=GiB)
+    with pytest.raises(HostMemoryError, match=r"need 0\.8 GiB of pinned host memory \(\+3\.0 GiB for the process, "
+                                               r"which holds 1\.0\)"):
+        require_host_memory(need, available_bytes=need + GiB, resident_bytes=GiB)
+
+
+def test_host_check_counts_what_the_process_holds_once():
+    """MemAvailable already lacks the process's resident memory, so only the rest of its 4 GiB reserve is asked for:
+    counted twice, a run the planner passed at launch would be refused here."""
+    need = 119 * GiB
+    require_host_memory(need, available_bytes=need + GiB, resident_bytes=3 * GiB)
+    require_host_memory(need, available_bytes=need, resident_bytes=5 * GiB)
+    with pytest.raises(HostMemoryError):
+        require_host_memory(need, available_bytes=need + GiB, resident_bytes=2 * GiB)
+    assert resident_host_bytes() > 0
+
+
