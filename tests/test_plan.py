@@ -291,7 +291,8 @@ def test_refusal_names_the_numbers_and_passes_what_fits():
     assert re.search(r"predicts [0-9.]+ GiB per GPU, [0-9.]+ GiB usable of 8.0; longest that fits as written: \d+", reason)
 
 
-@pytest.mark.parametrize("name", ["llama3-8b-lora-1gpu", "llama3-8b-1node", "llama3-70b-multinode"])
+@pytest.mark.parametrize("name", ["llama3-8b-lora-1gpu", "llama3-8b-1node", "llama3-70b-multinode",
+                                  "llama3-8b-qlora-1gpu", "llama3-70b-qlora-1gpu"])
 def test_recipe_comment_states_the_planner_prediction(name, capsys):
     path = ROOT / "recipes" / f"{name}.yaml"
     text = path.read_text()
