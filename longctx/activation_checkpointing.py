@@ -121,22 +121,23 @@ def layer_input_bytes(model_config: PretrainedConfig, seq_len: int, micro_batch:
     return micro_batch * seq_len * model_config.hidden_size * dtype_bytes
 
 
+def _proc_bytes(path: str, key: str) -> int:
+    """A `key: N kB` line of a /proc file, in bytes."""
+    with open(path) as f:
+        for line in f:
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{path} has no {key} line")
+
+
 def available_host_bytes() -> int:
     """MemAvailable of this machine (what can be pinned without pushing others to swap)."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/meminfo has no MemAvailable line")
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def resident_host_bytes() -> int:
     """This process's resident memory (VmRSS): already missing from MemAvailable."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/self/status has no VmRSS line")
+    return _proc_bytes("/proc/self/status", "VmRSS")
 
 
 def require_host_memory(need_bytes: int, available_bytes: Optional[int] = None,
