@@ -24,13 +24,14 @@ def write_corpus(out: Path) -> tuple[int, int]:
     out.mkdir(parents=True, exist_ok=True)
     root = Path(transformers.__file__).parent / "models"
     parts: list[str] = []
-    documents = characters = 0
+    size = documents = characters = 0
     for path in sorted(root.rglob("*.py")):
         parts.append(f"# {path.relative_to(root)}\n{path.read_text(encoding='utf-8', errors='replace')}")
-        if sum(map(len, parts)) >= DOCUMENT_CHARS:
+        size += len(parts[-1])
+        if size >= DOCUMENT_CHARS:
             body = "\n\n".join(parts)
             (out / f"doc{documents:04d}.txt").write_text(body)
-            documents, characters, parts = documents + 1, characters + len(body), []
+            documents, characters, parts, size = documents + 1, characters + len(body), [], 0
             if characters >= TOTAL_CHARS:
                 break
     return documents, characters

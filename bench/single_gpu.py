@@ -242,8 +242,9 @@ def child(stack: str, seq_len: int, steps: int, overrides: list[str], gpu_mem_gi
     row = {"stack": stack, "seq_len": seq_len, "device": torch.cuda.get_device_name()}
     if gpu_mem_gib is not None:  # at most the whole GPU: 79.18 is an H100's 79.179 GiB rounded up
         total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_mem_gib * GiB / total))
-        row["gpu_mem_cap_gib"] = round(min(gpu_mem_gib, total / GiB), 2)
+        cap = min(gpu_mem_gib * GiB, total)
+        torch.cuda.set_per_process_memory_fraction(cap / total)
+        row["gpu_mem_cap_gib"] = round(cap / GiB, 2)
     try:
         t0 = time.perf_counter()
         model, optimizer, config, record = build(stack, seq_len, overrides)
