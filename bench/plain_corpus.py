@@ -1,11 +1,12 @@
 """Plain long documents, without passkey episodes, for a `data.path` run of the extension study.
 
-    python bench/plain_corpus.py /root/plain        # then: bench/extension.py ... data.path=/root/plain
+    python bench/plain_corpus.py /root/plain                  # 40M characters: 100 windows of 64K, none repeated
+    python bench/plain_corpus.py /root/plain --chars 80e6     # 300 windows, none repeated
 
-The sources of transformers' model packages (installed wherever longctx runs), joined in path order, each file
-under its path as a header line, into documents of at least 320,000 characters (about 80K SmolLM2 tokens, longer
-than the study's 64K windows), 40M characters in all: enough for 100 steps of 64K tokens without repeating a
-window. One .txt file per document.
+The Python sources of transformers' model packages, then of torch (both installed wherever longctx runs), each
+package's files in path order under their paths as header lines, joined into documents of at least 320,000
+characters (about 90K SmolLM2 tokens, longer than the study's 64K windows), up to --chars characters in all
+(SmolLM2 reads about 3.6 characters of this source per token). One .txt file per document.
 """
 
 from __future__ import annotations
@@ -14,34 +15,46 @@ import argparse
 from pathlib import Path
 
 DOCUMENT_CHARS = 320_000
-TOTAL_CHARS = 40_000_000
 
 
-def write_corpus(out: Path) -> tuple[int, int]:
-    """Writes the documents under `out`; returns (documents, characters)."""
+def sources() -> list[tuple[str, Path]]:
+    """(header name, file) of the source files, in the order they are joined."""
+    import torch
     import transformers
 
-    out.mkdir(parents=True, exist_ok=True)
-    root = Path(transformers.__file__).parent / "models"
+    roots = [Path(transformers.__file__).parent / "models", Path(torch.__file__).parent]
+    return [(str(path.relative_to(root)), path) for root in roots for path in sorted(root.rglob("*.py"))]
+
+
+def documents(total_chars: int) -> list[str]:
+    """The documents, in order, until they hold `total_chars` characters (ValueError if the sources hold fewer)."""
+    docs: list[str] = []
     parts: list[str] = []
-    size = documents = characters = 0
-    for path in sorted(root.rglob("*.py")):
-        parts.append(f"# {path.relative_to(root)}\n{path.read_text(encoding='utf-8', errors='replace')}")
+    size = characters = 0
+    for name, path in sources():
+        parts.append(f"# {name}\n{path.read_text(encoding='utf-8', errors='replace')}")
         size += len(parts[-1])
         if size >= DOCUMENT_CHARS:
-            body = "\n\n".join(parts)
-            (out / f"doc{documents:04d}.txt").write_text(body)
-            documents, characters, parts, size = documents + 1, characters + len(body), [], 0
-            if characters >= TOTAL_CHARS:
-                break
-    return documents, characters
+            docs.append("\n\n".join(parts))
+            characters, parts, size = characters + len(docs[-1]), [], 0
+            if characters >= total_chars:
+                return docs
+    raise ValueError(f"--chars {total_chars:.0f}: the sources hold {characters:,} characters in whole documents")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path, help="folder for the .txt documents")
-    documents, characters = write_corpus(p.parse_args().out)
-    print(f"plain corpus: {documents} documents, {characters / 1e6:.1f}M characters")
+    p.add_argument("--chars", type=float, default=40e6, help="characters in all (default 40e6)")
+    args = p.parse_args()
+    try:
+        docs = documents(int(args.chars))
+    except ValueError as e:
+        p.exit(2, f"error: {e}\n")  # nothing written
+    args.out.mkdir(parents=True, exist_ok=True)
+    for i, body in enumerate(docs):
+        (args.out / f"doc{i:04d}.txt").write_text(body)
+    print(f"plain corpus: {len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f}M characters")
 
 
 if __name__ == "__main__":
