@@ -295,6 +295,22 @@ def test_preempted_three_times_the_losses_equal_an_uninterrupted_run(reference_a
     same_losses(metrics(out), reference_alone[1])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sigusr1_preempts_a_cuda_rank_under_the_deepspeed_launcher(tmp_path):
+    """Drill 8's signal where a GPU job gets it: a CUDA rank (NCCL, our kernels) started by the deepspeed launcher.
+    A 300-step SmolLM2 run on an H100 trained on through this fault at step 150 (BENCHMARKS.md, S²-Attn at 300
+    steps) while the same command on CPU stopped."""
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", free_port(),
+           "launcher/run.py", "--config", DEMO, *RUN, f"train.out_dir={out}"]
+    # in step 3, after the periodic checkpoint of step 2, as that run's signal came after checkpoints
+    rc = finish(launch(cmd, log, {"DS_ACCELERATOR": "cuda", "LONGCTX_FAULT": "usr1:batch:3"}))
+    text = log.read_text()
+    assert rc == 0 and '"status": "preempted", "step": 3' in text, text[-3000:]
+    assert steps_of(out)[-1] == 3
+
+
 # 9
 class Planted:
     """A pickled object that writes a file when unpickled: what a malicious pytorch_model.bin does."""
