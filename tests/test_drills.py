@@ -37,18 +37,21 @@ RUN = [
 ]
 
 
-def command(out: Path, *overrides: str, ranks: int) -> list[str]:
+def command(out: Path, *overrides: str, ranks: int, launcher: list[str] | None = None) -> list[str]:
     """2 ranks through the deepspeed launcher, or a world of one (`python launcher/run.py`, half the time on 2
-    cores) for the drills whose fault needs no second rank."""
-    launcher = [DEEPSPEED, "--num_gpus", "2", "--master_port", free_port()] if ranks == 2 else [sys.executable]
+    cores) for the drills whose fault needs no second rank; or the `launcher` given."""
+    if launcher is None:
+        launcher = [DEEPSPEED, "--num_gpus", "2", "--master_port", free_port()] if ranks == 2 else [sys.executable]
     return [*launcher, "launcher/run.py", "--config", DEMO, *RUN, f"train.out_dir={out}", *overrides]
 
 
-def run(out: Path, *overrides: str, fault: str = "", ranks: int = 2) -> tuple[int, str]:
+def run(out: Path, *overrides: str, fault: str = "", ranks: int = 2, launcher: list[str] | None = None,
+        env: dict[str, str] | None = None) -> tuple[int, str]:
     """A job's exit status and log."""
     log = out.parent / f"{out.name}.log"
     start = log.stat().st_size if log.exists() else 0
-    rc = finish(launch(command(out, *overrides, ranks=ranks), log, {"LONGCTX_FAULT": fault}))
+    rc = finish(launch(command(out, *overrides, ranks=ranks, launcher=launcher), log,
+                       {"LONGCTX_FAULT": fault, **(env or {})}))
     return rc, log.read_text()[start:]
 
 
@@ -299,15 +302,13 @@ def test_preempted_three_times_the_losses_equal_an_uninterrupted_run(reference_a
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_sigusr1_preempts_a_cuda_rank_under_the_deepspeed_launcher(tmp_path):
     """Drill 8's signal where a GPU job gets it: a CUDA rank (NCCL, our kernels) started by the deepspeed launcher.
-    A 300-step SmolLM2 run on an H100 trained on through this fault at step 150 (BENCHMARKS.md, S²-Attn at 300
-    steps) while the same command on CPU stopped."""
-    out, log = tmp_path / "run", tmp_path / "run.log"
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", free_port(),
-           "launcher/run.py", "--config", DEMO, *RUN, f"train.out_dir={out}"]
+    A 300-step SmolLM2 LoRA run on an H100 trained on through this fault in step 150 (after the checkpoints of
+    steps 50 and 100), where CPU runs of that schedule and of this test stop."""
+    out = tmp_path / "run"
+    runner = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", free_port()]
     # in step 3, after the periodic checkpoint of step 2, as that run's signal came after checkpoints
-    rc = finish(launch(cmd, log, {"DS_ACCELERATOR": "cuda", "LONGCTX_FAULT": "usr1:batch:3"}))
-    text = log.read_text()
-    assert rc == 0 and '"status": "preempted", "step": 3' in text, text[-3000:]
+    rc, log = run(out, fault="usr1:batch:3", ranks=1, launcher=runner, env={"DS_ACCELERATOR": "cuda"})
+    assert rc == 0 and '"status": "preempted", "step": 3' in log, log[-3000:]
     assert steps_of(out)[-1] == 3
 
 
